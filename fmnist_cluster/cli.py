@@ -1,0 +1,322 @@
+"""The ``fmc`` command line: thin wrappers over run_trial, run_sweep, the report and the tracking adapter."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="fmc: Fashion-MNIST clustering studies as tracked Ray Tune sweeps.")
+out = Console(width=None if sys.stdout.isatty() else 160)  # no truncated columns in logs
+err = Console(stderr=True)
+
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", envvar="FMC_DATA_DIR",
+                                                  help="Folder of the four Fashion-MNIST IDX .gz files.")]
+TrackingUri = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print an actionable error (no traceback) and return the Exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _tracker(uri: str | None):
+    from tracking import Tracker, TrackingError
+
+    try:
+        tracker = Tracker(uri)
+        tracker.check()
+    except TrackingError as e:
+        raise fail(str(e)) from None
+    return tracker
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if text is None else [int(v) for v in text.replace(" ", "").split(",") if v]
+
+
+@app.command()
+def data(data_dir: DataDir = None) -> None:
+    """Say where the Fashion-MNIST files were found and verify them (shapes, labels, checksums)."""
+    from fmnist_cluster.data import DataError, find_data_dir, load_dataset
+
+    try:
+        source, folder = find_data_dir(data_dir)
+        ds = load_dataset(folder)
+    except DataError as e:
+        raise fail(str(e)) from None
+    out.print(f"Fashion-MNIST from {source}: {folder}")
+    for name in ("train", "val", "test"):
+        x, y = getattr(ds, f"x_{name}"), getattr(ds, f"y_{name}")
+        counts = ", ".join(str(int((y == k).sum())) for k in range(10))
+        out.print(f"  {name:5s} {x.shape} {x.dtype} in [{x.min():.0f}, {x.max():.0f}]; per class: {counts}")
+    out.print("verified: IDX headers, sizes, SHA-256 of the decoded files, labels 0..9")
+
+
+@app.command()
+def run(
+    spec: Annotated[Optional[Path], typer.Argument(help="Sweep file to take a trial from (with --trial).")] = None,
+    trial: Annotated[Optional[str], typer.Option(help="Name of the trial in SPEC.")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="conv, dense or none (raw pixels).")] = None,
+    filters: Annotated[Optional[str], typer.Option(help="Conv filters, e.g. 64,32,16,7.")] = None,
+    units: Annotated[Optional[str], typer.Option(help="Dense units, e.g. 128,64,32.")] = None,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    learning_rate: Optional[float] = None,
+    seed: Optional[int] = None,
+    clusterers: Annotated[Optional[str], typer.Option(help="kmeans,gmm or one of them.")] = None,
+    eval_split: Annotated[Optional[str], typer.Option(help="test, train (60k) or all (70k).")] = None,
+    subset: Annotated[Optional[int], typer.Option(help="Images per split for a quick run.")] = None,
+    data_seed: Optional[int] = None,
+    kmeans_n_init: Optional[int] = None,
+    gmm_n_init: Optional[int] = None,
+    covariance_type: Optional[str] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment (default: the sweep's, else fmc-run).")] = "",
+    track: Annotated[bool, typer.Option(help="Log the trial to MLflow.")] = True,
+    tracking_uri: TrackingUri = None,
+    data_dir: DataDir = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the backend.")] = None,
+) -> None:
+    """Run one trial without Ray: from flags, or trial NAME of a sweep file with flags on top."""
+    from fmnist_cluster.config import SpecError, TrialConfig, deep_merge, load_sweep
+
+    base: dict = {}
+    if spec is not None:
+        if trial is None:
+            raise fail(f"{spec}: name the trial to run with --trial")
+        try:
+            sweep = load_sweep(spec)
+        except SpecError as e:
+            raise fail(str(e)) from None
+        trials = {t.name: t for t in sweep.expand()}
+        if trial not in trials:
+            raise fail(f"{spec}: no trial named {trial!r}; trials are: {', '.join(trials)}")
+        base = trials[trial].config.model_dump(mode="json", exclude_none=True)
+        experiment = experiment or sweep.experiment
+    elif trial is not None:
+        raise fail("--trial needs a sweep file: fmc run SPEC --trial NAME")
+    overrides: dict = {"model": {}, "data": {}, "kmeans": {}, "gmm": {}}
+    for key, value in {"kind": kind, "filters": _ints(filters), "units": _ints(units)}.items():
+        if value is not None:
+            overrides["model"][key] = value
+    for key, value in {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                       "seed": seed, "eval_split": eval_split,
+                       "clusterers": clusterers.split(",") if clusterers else None}.items():
+        if value is not None:
+            overrides[key] = value
+    for section, key, value in [("data", "subset", subset), ("data", "seed", data_seed),
+                                ("kmeans", "n_init", kmeans_n_init), ("gmm", "n_init", gmm_n_init),
+                                ("gmm", "covariance_type", covariance_type)]:
+        if value is not None:
+            overrides[section][key] = value
+    merged = deep_merge(base, {k: v for k, v in overrides.items() if v != {}})
+    if "filters" in overrides["model"] and "kind" not in overrides["model"]:
+        merged["model"]["kind"] = "conv"
+    try:
+        config = TrialConfig(**merged)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'trial'}: {x['msg'].removeprefix('Value error, ')}"
+                             for x in e.errors())
+        raise fail(f"invalid trial settings: {problems}") from None
+    name = trial or f"{config.model.label()}-e{config.epochs}-seed{config.seed}"
+    _run_one(config, name, experiment or "fmc-run", track=track, tracking_uri=tracking_uri,
+             data_dir=data_dir, threads=threads)
+
+
+def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, data_dir, threads) -> None:
+    from fmnist_cluster.data import DataError, load_dataset
+    from fmnist_cluster.trial import run_trial
+
+    try:
+        data = load_dataset(data_dir, seed=config.data.seed, subset=config.data.subset)
+    except DataError as e:
+        raise fail(str(e)) from None
+    out.print(f"trial [bold]{name}[/] key {config.key()}; data {data.source}; "
+              f"{len(data.y_train)}/{len(data.y_val)}/{len(data.y_test)} train/val/test images")
+    logger = None
+    if track:
+        from tracking import RunContext, TrialLogger
+
+        tracker = _tracker(tracking_uri)
+        ctx = RunContext(tracker.uri, tracker.experiment(experiment), None, experiment)
+        logger = TrialLogger(ctx, name, config)
+    try:
+        if logger:
+            with logger:
+                result = run_trial(config, data=data, threads=threads, on_epoch=logger.epoch, verbose="auto")
+                logger.result(result)
+        else:
+            result = run_trial(config, data=data, threads=threads, verbose="auto")
+    except (FloatingPointError, ValueError) as e:
+        raise fail(f"trial {name} failed: {e}", 1) from None
+    print_results(name, result)
+    if logger:
+        out.print(f"logged to {logger.ctx.uri}, experiment {experiment!r}, run {logger.run_id}")
+
+
+def print_results(name: str, result) -> None:
+    table = Table(title=f"{name}: {result.config.model.label()}, {result.config.epochs} epochs, "
+                        f"scored on {result.config.eval_split} ({result.info['n_eval']} images)")
+    table.add_column("clusterer")
+    for s in ("acc", "acc_majority", "nmi", "ari", "seconds"):
+        table.add_column(s, justify="right")
+    for c in result.config.clusterers:
+        table.add_row(c, *(f"{result.metrics[f'{c}_{s}']:.4f}" for s in ("acc", "acc_majority", "nmi", "ari")),
+                      f"{result.timings[f'{c}_seconds']:.1f}")
+    out.print(table)
+    extras = {k: v for k, v in result.timings.items() if k not in ("kmeans_seconds", "gmm_seconds")}
+    if "recon_mse" in result.metrics:
+        out.print(f"test reconstruction MSE {result.metrics['recon_mse']:.5f}")
+    out.print("timings: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}s" for k, v in extras.items()))
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="Sweep file (see sweeps/).")],
+    dry_run: Annotated[bool, typer.Option(help="Print the expanded trials and resources; run nothing.")] = False,
+    max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (overrides the file).")] = None,
+    cpu: Annotated[Optional[float], typer.Option(help="CPUs per trial (overrides the file).")] = None,
+    gpu: Annotated[Optional[float], typer.Option(help="GPUs per trial, fractions allowed (overrides).")] = None,
+    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS",
+                                                   help="Ray cluster to join; default a local Ray.")] = None,
+    rerun: Annotated[bool, typer.Option(help="Run trials again even if they already finished.")] = False,
+    models: Annotated[bool, typer.Option(help="Log the models (autoencoder, pyfunc clusterers).")] = True,
+    tracking_uri: TrackingUri = None,
+    data_dir: DataDir = None,
+    storage_path: Annotated[Optional[str], typer.Option(help="Ray Tune's results folder.")] = None,
+) -> None:
+    """Run every trial of a sweep file on Ray Tune, logging each to MLflow; skip trials already finished."""
+    from fmnist_cluster.config import SpecError, load_sweep
+
+    try:
+        spec_ = load_sweep(spec)
+    except SpecError as e:
+        raise fail(str(e)) from None
+    for name, value in (("--max-concurrent", max_concurrent), ("--cpu", cpu)):
+        if value is not None and value <= 0:
+            raise fail(f"{name} must be positive, got {value}")
+    if gpu is not None and gpu < 0:
+        raise fail(f"--gpu must be >= 0, got {gpu}")
+    trials = spec_.expand()
+    res = {"cpu": cpu or spec_.resources.cpu, "gpu": spec_.resources.gpu if gpu is None else gpu}
+    if dry_run:
+        table = Table(title=f"{spec}: experiment {spec_.experiment!r}, {len(trials)} trials, "
+                            f"{res['cpu']:g} CPU + {res['gpu']:g} GPU each, "
+                            f"max concurrent {max_concurrent or spec_.max_concurrent or 'auto'}")
+        for col in ("trial", "model", "epochs", "seed", "clusterers", "eval", "subset", "key"):
+            table.add_column(col)
+        for t in trials:
+            c = t.config
+            table.add_row(t.name, c.model.label(), str(c.epochs), str(c.seed), ",".join(c.clusterers),
+                          c.eval_split, str(c.data.subset or "all"), c.key())
+        out.print(table)
+        return
+    from fmnist_cluster.data import DataError, find_data_dir
+
+    try:
+        find_data_dir(data_dir)
+    except DataError as e:
+        raise fail(str(e)) from None
+    tracker = _tracker(tracking_uri)
+    exp_id = tracker.experiment(spec_.experiment)
+    done = {} if rerun else tracker.finished_keys(exp_id)
+    todo = [t for t in trials if t.config.key() not in done]
+    skipped = len(trials) - len(todo)
+    if not todo:
+        out.print(f"all {len(trials)} trials of {spec_.experiment!r} already finished in {tracker.uri}; "
+                  "nothing to do (--rerun runs them again)")
+        return
+    if skipped:
+        out.print(f"{skipped} of {len(trials)} trials already finished in {tracker.uri}; running the other {len(todo)}")
+    from fmnist_cluster.sweep import TrialOutcome, run_sweep, trial_rows
+
+    start = time.perf_counter()
+    outcome = run_sweep(spec_, todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,
+                        max_concurrent=max_concurrent, data_dir=str(data_dir) if data_dir else None,
+                        storage_path=storage_path, log_models=models)
+    outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="finished earlier")
+                       for t in trials if t.config.key() in done]
+    _print_outcome(trial_rows(outcome), time.perf_counter() - start)
+    out.print(f"MLflow: {tracker.uri}, experiment {spec_.experiment!r}, parent run {outcome.parent_run_id}")
+    if outcome.interrupted:
+        raise fail(f"interrupted; run `fmc sweep {spec}` again to finish the remaining trials", 130)
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+def _print_outcome(rows: list[dict], seconds: float) -> None:
+    table = Table(title=f"sweep finished in {seconds:.0f}s")
+    keys = ["trial", "status"] + [f"{c}_{s}" for c in ("kmeans", "gmm") for s in ("acc", "acc_majority", "nmi")]
+    for k in keys + ["seconds", "error"]:
+        table.add_column(k.replace("_acc_majority", " acc_maj").replace("kmeans", "km"),
+                         justify="right" if k not in ("trial", "status", "error") else "left")
+    colour = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "SKIPPED": "dim"}
+    for r in rows:
+        cells = [r["trial"], f"[{colour[r['status']]}]{r['status']}[/]"]
+        cells += ["-" if r[k] is None else f"{r[k]:.4f}" for k in keys[2:]]
+        cells += ["-" if r["seconds"] is None else f"{r['seconds']:.0f}", r["error"] or ""]
+        table.add_row(*cells)
+    out.print(table)
+
+
+@app.command()
+def report(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment (the sweep's name).")],
+    format: Annotated[str, typer.Option("--format", help="table, markdown or csv.")] = "table",
+    chart: Annotated[Optional[Path], typer.Option(help="Where to write the comparison PNG.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Study-style tables (mean ± std over seeds, beside the study's figures) and a comparison chart."""
+    from fmnist_cluster import report as rep
+
+    if format not in ("table", "markdown", "csv"):
+        raise fail(f"--format must be table, markdown or csv, got {format!r}")
+    tracker = _tracker(tracking_uri)
+    exp_id = tracker.experiment(experiment, create=False)
+    if exp_id is None:
+        raise fail(f"no experiment named {experiment!r} in {tracker.uri}")
+    rows = rep.aggregate(tracker.trial_runs(exp_id))
+    if not rows:
+        raise fail(f"experiment {experiment!r} has no finished trial runs yet")
+    if format == "markdown":
+        sys.stdout.write(rep.to_markdown(rows))
+    elif format == "csv":
+        sys.stdout.write(rep.to_csv(rows))
+    else:
+        table = Table(title=f"{experiment}: scores in %, mean ± std over seeds")
+        for header, _ in rep.columns():
+            table.add_column(header, justify="left" if header in ("case", "model", "split") else "right")
+        for cells in rep.display_rows(rows):
+            table.add_row(*cells)
+        out.print(table)
+    path = chart or Path(f"{experiment}-report.png")
+    rep.comparison_chart(rows).savefig(path, dpi=120)
+    err.print(f"chart written to {path}")
+
+
+@app.command()
+def ui(tracking_uri: TrackingUri = None,
+       port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 0) -> None:
+    """Start the MLflow UI on the store (loopback only) and print its URL; Ctrl-C stops it."""
+    from tracking import resolve_uri, serve_ui
+
+    proc = serve_ui(resolve_uri(tracking_uri), port=port)
+    out.print(f"MLflow UI for {resolve_uri(tracking_uri)} at {proc.url} (Ctrl-C to stop)")
+    try:
+        sys.exit(proc.wait())
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    app()
