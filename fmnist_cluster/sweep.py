@@ -72,6 +72,8 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
     The tracker must be checked and the experiment created by the caller; this opens the parent run,
     runs the trials, closes the parent (FINISHED, FAILED if a trial failed, KILLED if interrupted).
     """
+    # Tune's classic reporter, so that the progress table shows our metric columns
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
 
@@ -100,7 +102,7 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
             tune.with_parameters(_trainable, datasets=datasets, ctx=ctx, log_models=log_models), resources)
         by_name = {t.name: t for t in trials}
         reporter = tune.CLIReporter(metric_columns=PROGRESS_COLUMNS, max_report_frequency=30,
-                                    parameter_columns={}, print_intermediate_tables=True)
+                                    parameter_columns=[], print_intermediate_tables=True)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(

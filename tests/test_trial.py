@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from fmnist_cluster.config import TrialConfig
+from fmnist_cluster.data import load_dataset
+from fmnist_cluster.trial import run_trial
+
+SCORES = ["acc", "acc_majority", "nmi", "ari"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return load_dataset(seed=0, subset=300)
+
+
+def tiny(**kw):
+    return TrialConfig(**{"epochs": 1, "data": {"subset": 300}, "kmeans": {"n_init": 2},
+                          "gmm": {"n_init": 1, "covariance_type": "diag"}, **kw})
+
+
+@pytest.mark.parametrize("model", [{"kind": "conv", "filters": [64, 32, 16, 7]},
+                                   {"kind": "dense", "units": [128, 64, 32]}, {"kind": "none"}],
+                         ids=["conv", "dense", "none"])
+def test_trial_end_to_end(small, model):
+    epochs = []
+    result = run_trial(tiny(model=model), data=small, threads=2, on_epoch=lambda e, v: epochs.append((e, v)))
+    for c in ("kmeans", "gmm"):
+        for s in SCORES:
+            value = result.metrics[f"{c}_{s}"]
+            assert isinstance(value, float) and -0.5 <= value <= 1
+        assert result.metrics[f"{c}_acc"] <= result.metrics[f"{c}_acc_majority"]
+        assert result.confusion[f"{c}_hungarian"].sum() == 300
+        assert result.metrics[f"{c}_acc"] > 0.2  # far above chance (0.1) even on 300 images
+    assert "pca" in result.figures and "confusion_gmm_majority" in result.figures
+    if model["kind"] == "none":
+        assert "recon_mse" not in result.metrics and "autoencoder" not in result.models
+        assert result.config.epochs == 0
+    else:
+        assert [e for e, _ in epochs] == [1] and len(result.history["loss"]) == 1
+        assert 0 < result.metrics["recon_mse"] < 0.5
+        assert result.timings["train_seconds"] > 0
+        assert result.figures.keys() >= {"reconstructions", "loss"}
+
+
+def test_same_seed_same_metrics(small):
+    a = run_trial(tiny(seed=3), data=small, threads=2, figures=False)
+    b = run_trial(tiny(seed=3), data=small, threads=2, figures=False)
+    assert a.metrics == b.metrics
+    assert a.history["loss"] == b.history["loss"]
+
+
+def test_eval_split_all_scores_every_image(small):
+    result = run_trial(tiny(model={"kind": "none"}, eval_split="all", clusterers=["kmeans"]), data=small,
+                       figures=False)
+    assert result.info["n_eval"] == 300 + 75 + 300
+    assert result.confusion["kmeans_majority"].sum() == 675
+
+
+def test_diverged_codes_are_reported(small):
+    from fmnist_cluster.clustering import fit_predict
+
+    codes = np.zeros((20, 4))
+    codes[3, 1] = np.nan
+    with pytest.raises(FloatingPointError, match="NaN"):
+        fit_predict("kmeans", tiny(), codes)
