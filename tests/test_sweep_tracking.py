@@ -1,0 +1,205 @@
+"""Sweeps on a real local Ray, tracked in a real MLflow server on loopback (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import FMC, ROOT, free_port
+
+SWEEP = """\
+experiment: {experiment}
+data: {{subset: 200, seed: 0}}
+defaults:
+  model: {{kind: conv, filters: [16, 8, 4]}}
+  epochs: 2
+  kmeans: {{n_init: 2}}
+  gmm: {{n_init: 1, covariance_type: diag}}
+trials:
+  - {{name: conv}}
+  - {{name: raw, model: {{kind: none}}}}
+  # 5 test images cannot make 10 clusters: a trial that validates but crashes at run time
+  - {{name: broken, model: {{kind: none}}, data: {{subset: 5}}}}
+resources: {{cpu: 1}}
+max_concurrent: 2
+"""
+SCORE_METRICS = [f"{c}_{s}" for c in ("kmeans", "gmm") for s in ("acc", "acc_majority", "nmi", "ari")]
+
+
+def runs_by_name(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    out = {}
+    for r in runs:
+        out.setdefault(r.info.run_name, []).append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracked_sweep(mlflow_server, tmp_path_factory):
+    """One sweep of 3 tiny trials, 2 at a time, against the server; one trial crashes."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    spec = cwd / "it.yaml"
+    spec.write_text(SWEEP.format(experiment="it-sweep"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_server}
+    res = subprocess.run(FMC + ["sweep", str(spec), "--max-concurrent", "2"], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=900)
+    return res, spec, cwd, env
+
+
+def test_failing_trial_does_not_stop_the_others(tracked_sweep):
+    res, *_ = tracked_sweep
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    table = res.stdout[res.stdout.rindex("sweep finished"):]
+    assert "conv" in table and "raw" in table
+    assert table.count("FINISHED") == 2 and table.count("FAILED") == 1
+    assert "n_samples=5" in table  # the trial's own error, not Ray's wrapper
+
+
+def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    runs = runs_by_name(client, "it-sweep")
+    parents = [r for rs in runs.values() for r in rs if r.data.tags.get("fmc.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    parent_id = parents[0].info.run_id
+    conv, raw, broken = runs["conv"][0], runs["raw"][0], runs["broken"][0]
+    for r in (conv, raw, broken):
+        assert r.data.tags["mlflow.parentRunId"] == parent_id
+        assert r.data.tags["fmc.sweep"] == "it-sweep" and len(r.data.tags["fmc.trial_key"]) == 16
+        assert r.data.tags["fmc.keras_backend"] == "tensorflow" and r.data.tags["fmc.host"]
+    assert conv.info.status == "FINISHED" and raw.info.status == "FINISHED"
+    assert broken.info.status == "FAILED" and "n_samples=5" in broken.data.tags["fmc.error"]
+    assert "error/traceback.txt" in [a.path for a in client.list_artifacts(broken.info.run_id, "error")]
+
+    m = conv.data.metrics
+    for name in SCORE_METRICS:
+        assert name in m and -0.5 <= m[name] <= 1 and name in raw.data.metrics
+    for name in ("recon_mse", "train_seconds", "kmeans_seconds", "gmm_seconds"):
+        assert name in m
+    loss = client.get_metric_history(conv.info.run_id, "loss")
+    assert sorted(x.step for x in loss) == [1, 2]
+    assert len(client.get_metric_history(conv.info.run_id, "val_loss")) == 2
+    assert conv.data.params["model.filters"] == "[16, 8, 4]" and conv.data.params["epochs"] == "2"
+    assert conv.data.params["data.subset"] == "200"
+
+    files = {a.path for d in ("confusion", "plots") for a in client.list_artifacts(conv.info.run_id, d)}
+    assert {"confusion/kmeans_hungarian.json", "confusion/kmeans_hungarian.png", "confusion/gmm_majority.png",
+            "plots/pca.png", "plots/reconstructions.png", "plots/loss.png"} <= files
+    path = client.download_artifacts(conv.info.run_id, "confusion/kmeans_majority.json")
+    matrix = np.array(json.load(open(path))["matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 200
+    assert "summary.json" in [a.path for a in client.list_artifacts(parent_id)]
+
+
+def test_logged_clusterer_model_predicts_clusters(tracked_sweep, mlflow_server):
+    import mlflow
+
+    from fmnist_cluster.data import load_dataset
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient(mlflow_server)
+    conv = runs_by_name(client, "it-sweep")["conv"][0]
+    models = {m.name: m for m in mlflow.search_logged_models(
+        experiment_ids=[conv.info.experiment_id], filter_string=f"source_run_id = '{conv.info.run_id}'",
+        output_format="list")}
+    assert {"autoencoder", "kmeans_clusterer", "gmm_clusterer"} <= set(models)
+    images = load_dataset(seed=1, subset=50).x_test[:5]  # (5, 28, 28, 1) in [0, 1]
+    kmeans = mlflow.pyfunc.load_model(models["kmeans_clusterer"].model_uri)
+    out = kmeans.predict(images.reshape(5, 784))
+    assert len(out) == 5 and out["cluster"].between(0, 9).all()
+    gmm = mlflow.pyfunc.load_model(models["gmm_clusterer"].model_uri)
+    out = gmm.predict((images[..., 0] * 255).astype(np.uint8))  # 28x28 images in 0..255 work too
+    assert out["cluster"].between(0, 9).all()
+    probs = out[[f"prob_{k}" for k in range(10)]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1) and (probs.argmax(axis=1) == out["cluster"]).all()
+
+
+def test_rerun_skips_finished_trials(tracked_sweep, mlflow_server):
+    _, spec, cwd, env = tracked_sweep
+    res = subprocess.run(FMC + ["sweep", str(spec)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1  # broken fails again
+    assert "2 of 3 trials already finished" in res.stdout
+    runs = runs_by_name(MlflowClient(mlflow_server), "it-sweep")
+    assert len(runs["conv"]) == 1 and len(runs["raw"]) == 1 and len(runs["broken"]) == 2
+
+
+def test_report_prints_table_and_chart(tracked_sweep, mlflow_server, run_fmc, tmp_path):
+    res = run_fmc("report", "it-sweep", "--format", "markdown", "--chart", tmp_path / "c.png",
+                  env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert lines[0].startswith("| case | model | epochs") and len(lines) == 3  # header + conv + raw
+    assert any(ln.startswith("| raw | raw |") for ln in lines)
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    csv = run_fmc("report", "it-sweep", "--format", "csv", "--chart", tmp_path / "d.png",
+                  env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert csv.stdout.splitlines()[0].startswith("case,model,epochs,eval_split,n,kmeans_acc_mean")
+
+
+def test_unreachable_server_exit_2_starts_nothing(run_fmc, tmp_path):
+    spec = tmp_path / "it.yaml"
+    spec.write_text(SWEEP.format(experiment="down"))
+    res = run_fmc("sweep", spec, "--tracking-uri", f"http://127.0.0.1:{free_port()}")
+    assert res.returncode == 2
+    assert "unreachable" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_embedded_default_store(run_fmc, tmp_path):
+    res = run_fmc("run", "--kind", "none", "--subset", "200", "--clusterers", "kmeans", "--experiment", "solo")
+    assert res.returncode == 0, res.stderr
+    assert "kmeans" in res.stdout and (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = runs_by_name(client, "solo")
+    (run,) = [r for rs in runs.values() for r in rs]
+    assert run.info.status == "FINISHED" and 0 < run.data.metrics["kmeans_acc"] <= 1
+
+
+def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(
+        "experiment: interrupt\ndata: {subset: 600, seed: 0}\n"
+        "defaults: {model: {kind: conv, filters: [32, 16, 7]}, epochs: 6, kmeans: {n_init: 1},"
+        " gmm: {n_init: 1, covariance_type: diag}}\n"
+        "trials: [{name: a}, {name: b, seed: 1}, {name: c, seed: 2}]\n"
+        "resources: {cpu: 1}\nmax_concurrent: 2\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(FMC + ["sweep", str(spec), "--no-models"], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until a trial has trained an epoch
+            time.sleep(2)
+            exp = (tmp_path / "mlflow.db").exists() and client.get_experiment_by_name("interrupt")
+            if exp and any(r.data.metrics.get("loss") for r in client.search_runs([exp.experiment_id])):
+                break
+        else:
+            pytest.fail("no trial started training within 300 s")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    runs = runs_by_name(client, "interrupt")
+    statuses = {name: [r.info.status for r in rs] for name, rs in runs.items()}
+    assert not any("RUNNING" in s for s in statuses.values()), statuses
+    assert any("KILLED" in s for s in statuses.values()), statuses
+
+    res = subprocess.run(FMC + ["sweep", str(spec), "--no-models"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    runs = runs_by_name(client, "interrupt")
+    for name in "abc":
+        assert [r.info.status for r in runs[name]].count("FINISHED") == 1, (name, runs[name])
+    again = subprocess.run(FMC + ["sweep", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "all 3 trials of 'interrupt' already finished" in again.stdout
