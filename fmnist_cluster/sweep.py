@@ -139,9 +139,18 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
     finally:
         signal.signal(signal.SIGTERM, previous)
         status = "KILLED" if outcome.interrupted else ("FAILED" if outcome.failed else "FINISHED")
-        table = {k: [r[k] for r in trial_rows(outcome)] for k in trial_rows(outcome)[0]} if outcome.trials else None
-        tracker.end_parent(ctx, status, table=table)
+        rows = trial_rows(outcome)
+        table = {k: [r[k] for r in rows] for k in rows[0]} if rows else None
+        tracker.end_parent(ctx, status, table=table, figures=_comparison(tracker, exp_id))
     return outcome
+
+
+def _comparison(tracker, experiment_id: str) -> dict[str, Any]:
+    """The report's comparison chart over every finished trial of the experiment (for the parent run)."""
+    from fmnist_cluster import report
+
+    rows = report.aggregate(tracker.trial_runs(experiment_id))
+    return {"comparison": report.comparison_chart(rows)} if rows else {}
 
 
 def _short_error(err: BaseException) -> str:

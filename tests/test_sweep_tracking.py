@@ -96,6 +96,7 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
     matrix = np.array(json.load(open(path))["matrix"])
     assert matrix.shape == (10, 10) and matrix.sum() == 200
     assert "summary.json" in [a.path for a in client.list_artifacts(parent_id)]
+    assert "plots/comparison.png" in [a.path for a in client.list_artifacts(parent_id, "plots")]
 
 
 def test_logged_clusterer_model_predicts_clusters(tracked_sweep, mlflow_server):
