@@ -73,7 +73,7 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
     for r in (conv, raw, broken):
         assert r.data.tags["mlflow.parentRunId"] == parent_id
         assert r.data.tags["fmc.sweep"] == "it-sweep" and len(r.data.tags["fmc.trial_key"]) == 16
-        assert r.data.tags["fmc.keras_backend"] == "tensorflow" and r.data.tags["fmc.host"]
+        assert r.data.tags["fmc.host"] and r.data.tags["fmc.keras_backend"] == ("tensorflow" if r is conv else "none")
     assert conv.info.status == "FINISHED" and raw.info.status == "FINISHED"
     assert broken.info.status == "FAILED" and "n_samples=5" in broken.data.tags["fmc.error"]
     assert "error/traceback.txt" in [a.path for a in client.list_artifacts(broken.info.run_id, "error")]
@@ -154,13 +154,20 @@ def test_unreachable_server_exit_2_starts_nothing(run_fmc, tmp_path):
 
 
 def test_embedded_default_store(run_fmc, tmp_path):
-    res = run_fmc("run", "--kind", "none", "--subset", "200", "--clusterers", "kmeans", "--experiment", "solo")
+    """`fmc run SPEC --trial NAME` with a flag on top, no URI given: ./mlflow.db, the sweep's experiment."""
+    spec = tmp_path / "it.yaml"
+    spec.write_text(SWEEP.format(experiment="solo"))
+    res = run_fmc("run", spec, "--trial", "raw", "--clusterers", "kmeans")
     assert res.returncode == 0, res.stderr
-    assert "kmeans" in res.stdout and (tmp_path / "mlflow.db").exists()
+    assert "kmeans" in res.stdout and "gmm" not in res.stdout.split("raw:")[-1]
+    assert (tmp_path / "mlflow.db").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = runs_by_name(client, "solo")
-    (run,) = [r for rs in runs.values() for r in rs]
-    assert run.info.status == "FINISHED" and 0 < run.data.metrics["kmeans_acc"] <= 1
+    (run,) = [r for rs in runs_by_name(client, "solo").values() for r in rs]
+    assert run.info.status == "FINISHED" and run.info.run_name == "raw"
+    assert 0 < run.data.metrics["kmeans_acc"] <= 1 and run.data.params["data.subset"] == "200"
+    assert run.data.params["clusterers"] == '["kmeans"]'
+    bad = run_fmc("run", spec, "--trial", "nope")
+    assert bad.returncode == 2 and "no trial named 'nope'" in bad.stderr
 
 
 def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):

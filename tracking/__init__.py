@@ -13,7 +13,6 @@ crashed runs FINISHED and duplicates runs after a restore.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import platform
 import socket
@@ -233,10 +232,8 @@ class TrialLogger:
         self.run_id: str | None = None
 
     def __enter__(self) -> TrialLogger:
-        import keras  # only for the backend's name: trials import it anyway
-
         tags = {"fmc.role": "trial", "fmc.trial": self.name, "fmc.sweep": self.ctx.sweep,
-                TRIAL_KEY: self.config.key(), "fmc.keras_backend": keras.backend.backend(),
+                TRIAL_KEY: self.config.key(), "fmc.keras_backend": _backend(self.config),
                 "fmc.host": socket.gethostname(), "fmc.python": platform.python_version(),
                 "fmc.model": self.config.model.label()}
         if self.ctx.parent_run_id:
@@ -273,7 +270,7 @@ class TrialLogger:
         import mlflow
 
         mlflow.set_tracking_uri(self.ctx.uri)
-        reqs = _requirements()
+        reqs = _requirements(result.config)
         code = str(Path(__file__).with_name("pyfunc_model.py"))
         with mlflow.start_run(run_id=self.run_id), tempfile.TemporaryDirectory() as tmp:
             artifacts = {}
@@ -309,17 +306,23 @@ class TrialLogger:
         return False
 
 
-def _requirements() -> list[str]:
+def _backend(config) -> str:
+    """Keras' backend for trials that train; 'none' for raw pixels (no Keras import for those)."""
+    if config.model.kind == "none":
+        return "none"
+    import keras
+
+    return keras.backend.backend()
+
+
+def _requirements(config) -> list[str]:
     """Pinned requirements of the logged models (explicit: MLflow's inference loads the model again)."""
     from importlib.metadata import version
 
-    import keras
-
-    pkgs = ["mlflow", "keras", "scikit-learn", "skops", "numpy", "pandas"]
-    if keras.backend.backend() == "tensorflow":
-        pkgs.append("tensorflow")
-    elif keras.backend.backend() == "torch":
-        pkgs.append("torch")
+    pkgs = ["mlflow", "scikit-learn", "skops", "numpy", "pandas"]
+    backend = _backend(config)
+    if backend != "none":
+        pkgs += ["keras", {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}[backend]]
     return [f"{p}=={version(p)}" for p in pkgs]
 
 
@@ -336,12 +339,3 @@ def serve_ui(uri: str | None = None, *, host: str = "127.0.0.1", port: int = 0) 
     proc = subprocess.Popen(cmd)
     proc.url = f"http://{host}:{port}"
     return proc
-
-
-def metric_history(uri: str, run_id: str, key: str) -> list[float]:
-    """Values of one metric over steps, in step order."""
-    return [m.value for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
-def jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
