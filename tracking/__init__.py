@@ -17,6 +17,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -333,7 +334,8 @@ def serve_ui(uri: str | None = None, *, host: str = "127.0.0.1", port: int = 0) 
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
     if _is_local(uri):
         cmd += ["--artifacts-destination", (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACT_DIR).as_uri()]
     proc = subprocess.Popen(cmd)
