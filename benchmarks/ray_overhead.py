@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def empty_trials(n: int = 8) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # see fmnist_cluster/sweep.py
     import ray
     from ray import tune
 

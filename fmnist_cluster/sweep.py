@@ -74,6 +74,9 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
     """
     # Tune's classic reporter, so that the progress table shows our metric columns
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Under `uv run`, Ray would start workers with `uv run` in a copy of the working directory, which
+    # is not a project: workers then never start. Workers use this interpreter's environment instead.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
     from ray import tune
 
