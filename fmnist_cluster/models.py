@@ -31,11 +31,14 @@ def configure_backend(*, threads: int | None = None, seed: int | None = None) ->
         if backend == "tensorflow":
             import tensorflow as tf
 
-            if threads:
-                tf.config.threading.set_intra_op_parallelism_threads(threads)
-                tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
-            for gpu in tf.config.list_physical_devices("GPU"):
-                tf.config.experimental.set_memory_growth(gpu, True)
+            try:  # only possible before TensorFlow's first op; later it keeps its pools
+                if threads:
+                    tf.config.threading.set_intra_op_parallelism_threads(threads)
+                    tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+                for gpu in tf.config.list_physical_devices("GPU"):
+                    tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:
+                pass
             tf.config.experimental.enable_op_determinism()  # same seed, same machine -> same metrics
         elif backend == "torch" and threads:
             import torch
