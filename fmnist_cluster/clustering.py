@@ -1,4 +1,4 @@
-"""The study's clusterers (scikit-learn), fitted on latent codes or raw pixels."""
+"""The study's clusterers (scikit-learn, or fmc's fast Gaussian mixture), fitted on latent codes or raw pixels."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ def make_clusterer(name: str, config: TrialConfig):
     if name == "kmeans":
         return KMeans(n_clusters=config.n_clusters, init="k-means++", n_init=config.kmeans.n_init,
                       max_iter=config.kmeans.max_iter, random_state=config.seed)
+    if name == "gmm" and config.gmm.impl == "fast":
+        from fmnist_cluster.fast_gmm import FastGaussianMixture
+
+        return FastGaussianMixture(n_components=config.n_clusters, covariance_type=config.gmm.covariance_type,
+                                   n_init=config.gmm.n_init, max_iter=config.gmm.max_iter, random_state=config.seed)
     if name == "gmm":
         return GaussianMixture(n_components=config.n_clusters, covariance_type=config.gmm.covariance_type,
                                n_init=config.gmm.n_init, max_iter=config.gmm.max_iter, random_state=config.seed)
@@ -21,10 +26,15 @@ def make_clusterer(name: str, config: TrialConfig):
 
 
 def fit_predict(name: str, config: TrialConfig, codes: np.ndarray):
-    """Fit clusterer ``name`` on ``codes`` (n, d) and return ``(estimator, labels (n,))``."""
+    """Fit clusterer ``name`` on ``codes`` (n, d) and return ``(estimator, labels (n,))``.
+
+    The estimator is always a scikit-learn one (the fast mixture hands back its fitted equivalent).
+    """
     codes = np.asarray(codes, dtype=np.float64)  # scikit-learn's GMM is float64 inside anyway
     if not np.isfinite(codes).all():
         raise FloatingPointError(f"{name}: the latent codes contain NaN or inf; the autoencoder diverged")
     estimator = make_clusterer(name, config)
     labels = estimator.fit_predict(codes)
+    if hasattr(estimator, "to_sklearn"):
+        estimator = estimator.to_sklearn()
     return estimator, labels.astype(np.int64)

@@ -59,6 +59,9 @@ class KMeansConfig(_Strict):
 
 
 class GMMConfig(_Strict):
+    """``impl``: ``sklearn`` (the reference) or ``fast`` (batched EM in Keras ops, same answer)."""
+
+    impl: Literal["sklearn", "fast"] = "sklearn"
     n_init: PositiveInt = 10
     max_iter: PositiveInt = 300
     covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"

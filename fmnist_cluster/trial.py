@@ -91,12 +91,15 @@ def run_trial(config: TrialConfig, *, data: Dataset | None = None, data_dir: str
                        n_eval=len(y_eval))
 
     recon = None
+    if config.model.kind != "none" or ("gmm" in config.clusterers and config.gmm.impl == "fast"):
+        from fmnist_cluster.models import configure_backend
+
+        configure_backend(threads=threads, seed=config.seed)  # Keras runs the training or the fast GMM
     if config.model.kind == "none":
         codes = x_eval.reshape(len(x_eval), -1)  # raw pixels (n, 784)
     else:
-        from fmnist_cluster.models import build_autoencoder, configure_backend
+        from fmnist_cluster.models import build_autoencoder
 
-        configure_backend(threads=threads, seed=config.seed)
         autoencoder, encoder = build_autoencoder(config.model, learning_rate=config.learning_rate)
         result.models.update(autoencoder=autoencoder, encoder=encoder)
         t = time.perf_counter()

@@ -23,7 +23,7 @@ defaults:
   kmeans: {{n_init: 2}}
   gmm: {{n_init: 1, covariance_type: diag}}
 trials:
-  - {{name: conv}}
+  - {{name: conv, gmm: {{impl: fast}}}}  # the fast mixture's model logs and serves like scikit-learn's
   - {{name: raw, model: {{kind: none}}}}
   # 5 test images cannot make 10 clusters: a trial that validates but crashes at run time
   - {{name: broken, model: {{kind: none}}, data: {{subset: 5}}}}
