@@ -1,9 +1,13 @@
 # fmc: `make sweep` and `make test` each set everything up first (once), then run.
 PY ?= python3
 UV_VERSION = 0.13.8
+UV_SYNC_FLAGS ?=
+# Debian packages the tests use: PostgreSQL (the deployment's store, run natively) and docker-compose
+# (validates docker-compose.yml; no Docker engine needed).
+TEST_DEBS = postgresql docker-compose
 DATA = /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup sweep test test-fast data
+.PHONY: setup sweep test test-deps test-fast data
 setup: .venv/.fmc-ready
 
 # The environment comes from uv.lock (exact versions); the dataset from Debian's package when apt-get
@@ -13,16 +17,21 @@ setup: .venv/.fmc-ready
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist; fi
 	$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv==$(UV_VERSION)
-	$(PY) -m uv sync --frozen
+	$(PY) -m uv sync --frozen $(UV_SYNC_FLAGS)
 	touch $@
 
 sweep: setup
 	$(PY) -m uv run fmc sweep sweeps/quick.yaml
 
-test: setup
+test: setup test-deps
 	$(PY) -m uv run pytest
 
-test-fast: setup
+test-deps:
+	@if ! { ls /usr/lib/postgresql/*/bin/initdb && command -v docker-compose; } >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(TEST_DEBS); fi
+
+test-fast: setup test-deps
 	$(PY) -m uv run pytest -m "not slow" --deselect tests/test_sweep_tracking.py
 
 data: setup

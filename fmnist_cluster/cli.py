@@ -192,7 +192,8 @@ def sweep(
     models: Annotated[bool, typer.Option(help="Log the models (autoencoder, pyfunc clusterers).")] = True,
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
-    storage_path: Annotated[Optional[str], typer.Option(help="Ray Tune's results folder.")] = None,
+    storage_path: Annotated[Optional[str], typer.Option(
+        envvar="FMC_STORAGE_PATH", help="Ray Tune's results folder (default ./ray_results).")] = None,
 ) -> None:
     """Run every trial of a sweep file on Ray Tune, logging each to MLflow; skip trials already finished."""
     from fmnist_cluster.config import SpecError, load_sweep

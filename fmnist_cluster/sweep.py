@@ -63,6 +63,10 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool) -> None:
     tune.report({**result.metrics, **result.timings, "run_id": log.run_id, "done": True})
 
 
+FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "FMC_DATA_DIR")
+
+
 def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None = None,
               cpu: float | None = None, gpu: float | None = None, max_concurrent: int | None = None,
               data_dir: str | None = None, storage_path: str | None = None, log_models: bool = True,
@@ -98,8 +102,12 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
             if key not in datasets:
                 datasets[key] = load_dataset(data_dir, seed=key[1], subset=key[0])
         if not ray.is_initialized():
+            # Trials log to MLflow themselves: on a cluster they get this driver's MLflow credentials
+            # (a local Ray's workers inherit them anyway).
+            env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
             ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
-                     configure_logging=True, logging_level="WARNING")
+                     configure_logging=True, logging_level="WARNING",
+                     runtime_env={"env_vars": env_vars} if env_vars else None)
         resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, datasets=datasets, ctx=ctx, log_models=log_models), resources)
