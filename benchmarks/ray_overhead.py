@@ -1,8 +1,10 @@
 """Ray's cost per trial and a sweep's wall time at several concurrencies.
 
 1. Ray overhead: N empty trials (the trainable only reports) through the same Tuner set-up fmc uses
-   (one CPU each, no actor reuse), timed after `ray.init`; per trial = wall / N * concurrency.
-2. `fmc sweep sweeps/quick.yaml` end to end with --max-concurrent 1 and 2, each into a fresh store.
+   (no actor reuse), 1, 2 and 4 at a time (4 logical CPUs declared on 2 cores), timed after `ray.init`;
+   per trial slot = wall / N * concurrency.
+2. `fmc sweep sweeps/quick.yaml` end to end with --max-concurrent 1, 2 and 4 (4: --cpu 0.5, two trials
+   per core), each into a fresh store.
 
 Run: `uv run python benchmarks/ray_overhead.py` (a few minutes on 2 cores).
 """
@@ -26,14 +28,14 @@ def empty_trials(n: int = 8) -> None:
     from ray import tune
 
     t = time.perf_counter()
-    ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=2)
-    print(f"ray.init (local, 2 CPUs): {time.perf_counter() - t:.1f} s")
+    ray.init(include_dashboard=False, logging_level="ERROR", num_cpus=4)
+    print(f"ray.init (local, 4 logical CPUs): {time.perf_counter() - t:.1f} s")
 
     def empty(config):
         tune.report({"done": True})
 
     with tempfile.TemporaryDirectory() as tmp:
-        for concurrency in (1, 2):
+        for concurrency in (1, 2, 4):
             tuner = tune.Tuner(
                 tune.with_resources(empty, {"cpu": 1}),
                 param_space={"i": tune.grid_search(list(range(n)))},
@@ -48,13 +50,13 @@ def empty_trials(n: int = 8) -> None:
 
 
 def quick_sweep() -> None:
-    for concurrency in (1, 2):
+    for concurrency, cpu in ((1, 1), (2, 1), (4, 0.5)):
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             res = subprocess.run([sys.executable, "-m", "fmnist_cluster.cli", "sweep", str(ROOT / "sweeps/quick.yaml"),
-                                  "--max-concurrent", str(concurrency)], cwd=tmp, capture_output=True, text=True,
+                                  "--max-concurrent", str(concurrency), "--cpu", str(cpu)], cwd=tmp, capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
-            print(f"fmc sweep sweeps/quick.yaml --max-concurrent {concurrency}: {time.perf_counter() - t:.0f} s "
+            print(f"fmc sweep sweeps/quick.yaml --max-concurrent {concurrency} --cpu {cpu}: {time.perf_counter() - t:.0f} s "
                   f"wall (exit {res.returncode})")
 
 

@@ -80,6 +80,7 @@ def run(
     kmeans_n_init: Optional[int] = None,
     gmm_n_init: Optional[int] = None,
     covariance_type: Optional[str] = None,
+    gmm_impl: Annotated[Optional[str], typer.Option(help="sklearn (reference) or fast.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment (default: the sweep's, else fmc-run).")] = "",
     track: Annotated[bool, typer.Option(help="Log the trial to MLflow.")] = True,
     tracking_uri: TrackingUri = None,
@@ -115,7 +116,7 @@ def run(
             overrides[key] = value
     for section, key, value in [("data", "subset", subset), ("data", "seed", data_seed),
                                 ("kmeans", "n_init", kmeans_n_init), ("gmm", "n_init", gmm_n_init),
-                                ("gmm", "covariance_type", covariance_type)]:
+                                ("gmm", "covariance_type", covariance_type), ("gmm", "impl", gmm_impl)]:
         if value is not None:
             overrides[section][key] = value
     merged = deep_merge(base, {k: v for k, v in overrides.items() if v != {}})
