@@ -316,3 +316,15 @@ def test_native_smoke(resolved, postgres, tmp_path):
         stop(ray_proc)
         stop(mlflow_proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_tracking_server_refuses_to_start_open(tmp_path):
+    """Without its secrets the deployment's MLflow server exits 2 naming them, before anything listens."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    res = subprocess.run([sys.executable, "-m", "tracking.server", "--host", "127.0.0.1", "--port", str(free_port())],
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT),
+                                            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/m.db"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in res.stderr and "MLFLOW_FLASK_SERVER_SECRET_KEY" in res.stderr
+    assert not (tmp_path / "m.db").exists()
