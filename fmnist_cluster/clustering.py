@@ -14,14 +14,14 @@ def make_clusterer(name: str, config: TrialConfig):
     if name == "kmeans":
         return KMeans(n_clusters=config.n_clusters, init="k-means++", n_init=config.kmeans.n_init,
                       max_iter=config.kmeans.max_iter, random_state=config.seed)
-    if name == "gmm" and config.gmm.impl == "fast":
-        from fmnist_cluster.fast_gmm import FastGaussianMixture
-
-        return FastGaussianMixture(n_components=config.n_clusters, covariance_type=config.gmm.covariance_type,
-                                   n_init=config.gmm.n_init, max_iter=config.gmm.max_iter, random_state=config.seed)
     if name == "gmm":
-        return GaussianMixture(n_components=config.n_clusters, covariance_type=config.gmm.covariance_type,
-                               n_init=config.gmm.n_init, max_iter=config.gmm.max_iter, random_state=config.seed)
+        settings = dict(n_components=config.n_clusters, covariance_type=config.gmm.covariance_type,
+                        n_init=config.gmm.n_init, max_iter=config.gmm.max_iter, random_state=config.seed)
+        if config.gmm.impl == "fast":
+            from fmnist_cluster.fast_gmm import FastGaussianMixture
+
+            return FastGaussianMixture(**settings)
+        return GaussianMixture(**settings)
     raise ValueError(f"unknown clusterer {name!r}; expected kmeans or gmm")
 
 

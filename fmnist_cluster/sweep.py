@@ -167,11 +167,11 @@ def _comparison(tracker, experiment_id: str) -> dict[str, Any]:
 def _short_error(err: BaseException) -> str:
     """The trial's own exception, not Ray's wrapper: 'FloatingPointError: training loss is nan ...'."""
     cause = getattr(err, "cause", None) or err
-    text = f"{type(cause).__name__}: {cause}"
+    name = type(cause).__name__
     lines = [ln for ln in str(cause).splitlines() if ln.strip()]
-    if lines and type(cause).__name__ in ("RayTaskError", "TuneError"):
-        text = lines[-1]
-    return text.strip().splitlines()[-1] if text.strip() else type(cause).__name__
+    if lines and name in ("RayTaskError", "TuneError"):  # a wrapper: its last line is the trial's error
+        return lines[-1].strip()
+    return f"{name}: {cause}".strip().splitlines()[-1]
 
 
 def trial_rows(outcome: SweepOutcome) -> list[dict[str, Any]]:
