@@ -190,6 +190,8 @@ def sweep(
     address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS",
                                                    help="Ray cluster to join; default a local Ray.")] = None,
     rerun: Annotated[bool, typer.Option(help="Run trials again even if they already finished.")] = False,
+    only: Annotated[Optional[str], typer.Option(
+        "--trials", help="Only the trials whose names match these comma-separated patterns, e.g. 'case1-*,raw-*'.")] = None,
     models: Annotated[bool, typer.Option(help="Log the models (autoencoder, pyfunc clusterers).")] = True,
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
@@ -209,6 +211,8 @@ def sweep(
     if gpu is not None and gpu < 0:
         raise fail(f"--gpu must be >= 0, got {gpu}")
     trials = spec_.expand()
+    if only is not None:
+        trials = _select(trials, only, spec)
     res = {"cpu": cpu or spec_.resources.cpu, "gpu": spec_.resources.gpu if gpu is None else gpu}
     if dry_run:
         table = Table(title=f"{spec}: experiment {spec_.experiment!r}, {len(trials)} trials, "
@@ -253,6 +257,18 @@ def sweep(
         raise fail(f"interrupted; run `fmc sweep {spec}` again to finish the remaining trials", 130)
     if outcome.failed:
         raise typer.Exit(1)
+
+
+def _select(trials: list, patterns: str, spec: Path) -> list:
+    """The trials whose names match one of the comma-separated shell-style patterns."""
+    from fnmatch import fnmatchcase
+
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    unmatched = [p for p in wanted if not any(fnmatchcase(t.name, p) for t in trials)]
+    if not wanted or unmatched:
+        raise fail(f"--trials {patterns!r}: {', '.join(unmatched) or 'no pattern'} matches no trial of {spec}; "
+                   f"trials are: {', '.join(t.name for t in trials)}")
+    return [t for t in trials if any(fnmatchcase(t.name, p) for p in wanted)]
 
 
 def _print_outcome(rows: list[dict], seconds: float) -> None:

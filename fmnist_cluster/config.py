@@ -10,8 +10,9 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
@@ -67,6 +68,40 @@ class GMMConfig(_Strict):
     covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
 
 
+class ManifoldConfig(_Strict):
+    """An optional stage between the encoder and the clusterers: ``umap`` (umap-learn) or ``pca``
+    (scikit-learn), fitted on the codes being clustered; the clusterers run on its embedding.
+
+    ``n_neighbors``, ``min_dist`` and ``metric`` are UMAP's; they default to 20, 0.0 and euclidean
+    for ``umap`` (the N2D recipe) and are refused for the other kinds.
+    """
+
+    kind: Literal["none", "umap", "pca"] = "none"
+    n_components: PositiveInt | None = None
+    n_neighbors: int | None = Field(None, ge=2)
+    min_dist: float | None = Field(None, ge=0.0, le=1.0)
+    metric: Literal["euclidean", "manhattan", "cosine", "correlation", "chebyshev"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_kind(cls, values: Any):
+        if isinstance(values, dict):
+            kind = values.get("kind", "none")
+            defaults = {"umap": {"n_components": 10, "n_neighbors": 20, "min_dist": 0.0, "metric": "euclidean"},
+                        "pca": {"n_components": 10}}.get(kind, {})
+            values = {**defaults, **values}
+        return values
+
+    @model_validator(mode="after")
+    def _fields_match_kind(self):
+        umap_only = [k for k in ("n_neighbors", "min_dist", "metric") if getattr(self, k) is not None]
+        if self.kind == "none" and (umap_only or self.n_components is not None):
+            raise ValueError("kind none has no settings (the clusterers take the codes as they are)")
+        if self.kind == "pca" and umap_only:
+            raise ValueError(f"{', '.join(umap_only)} apply to kind umap, not pca")
+        return self
+
+
 class DataConfig(_Strict):
     """``subset``: images kept per split for quick runs (None: all); ``seed``: shuffling seed."""
 
@@ -87,6 +122,9 @@ class TrialConfig(_Strict):
     kmeans: KMeansConfig = KMeansConfig()
     gmm: GMMConfig = GMMConfig()
     eval_split: Literal["test", "train", "all"] = "test"
+    manifold: ManifoldConfig = ManifoldConfig()
+    eval_every: int = Field(0, ge=0)  # epochs between scorings of the codes during training; 0: off
+    eval_clusterers: tuple[Literal["kmeans", "gmm"], ...] = ("kmeans",)
     data: DataConfig = DataConfig()
 
     @model_validator(mode="before")
@@ -105,7 +143,35 @@ class TrialConfig(_Strict):
             raise ValueError(f"clusterers lists a clusterer twice: {list(self.clusterers)}")
         if self.model.kind != "none" and self.epochs == 0:
             raise ValueError("epochs must be at least 1 for an autoencoder")
+        if self.eval_every and self.model.kind == "none":
+            raise ValueError(f"eval_every = {self.eval_every}: raw pixels train nothing to score during training")
+        if set(self.eval_clusterers) - set(self.clusterers):
+            raise ValueError(f"eval_clusterers {list(self.eval_clusterers)} must be among clusterers {list(self.clusterers)}")
+        if self.data.subset is not None:
+            n_train, n_eval = self.data.subset, self.n_eval_images()
+            if n_eval < self.n_clusters:
+                raise ValueError(f"data.subset = {self.data.subset} leaves {n_eval} images to cluster into "
+                                 f"n_clusters = {self.n_clusters}")
+            if self.model.kind != "none" and self.batch_size > n_train:
+                raise ValueError(f"batch_size = {self.batch_size} is larger than the {n_train} training images "
+                                 f"of data.subset = {self.data.subset}")
+            if self.manifold.kind == "umap" and self.manifold.n_neighbors >= n_eval:
+                raise ValueError(f"manifold.n_neighbors = {self.manifold.n_neighbors} needs more than "
+                                 f"{n_eval} images to cluster (data.subset = {self.data.subset})")
         return self
+
+    def n_eval_images(self) -> int:
+        """How many images the clusterers see (the evaluation split's size)."""
+        from fmnist_cluster.data import split_sizes
+
+        train, val, test = split_sizes(self.data.subset)
+        return {"test": test, "train": train + val, "all": train + val + test}[self.eval_split]
+
+    def training(self) -> dict[str, Any]:
+        """What decides the trained weights: trials equal here share one training (up to the longest
+        of their ``epochs``); the rest (epochs, clusterers, manifold, eval split) happens after."""
+        after = {"epochs", "n_clusters", "clusterers", "kmeans", "gmm", "eval_split", "manifold", "eval_clusterers"}
+        return self.model_dump(mode="json", exclude=after)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key params, as logged to MLflow: {'model.kind': 'conv', 'model.filters': '[64, 32, 16, 7]', ...}."""
@@ -122,9 +188,21 @@ class TrialConfig(_Strict):
         return out
 
     def key(self) -> str:
-        """Stable 16-hex-digit hash of the resolved config: the identity of a trial across runs and machines."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        """Stable 16-hex-digit hash of the resolved config: the identity of a trial across runs and machines.
+
+        Settings at their default value are left out, so that a setting added to fmc later (with a
+        default that keeps the old behaviour) does not change the keys of trials already recorded.
+        """
+        return _hash(self.model_dump(mode="json", exclude_defaults=True))
+
+    def training_key(self) -> str:
+        """Hash of :meth:`training`: trials with equal training keys can share one training."""
+        return _hash(self.training())
+
+
+def _hash(value: Any) -> str:
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 class Resources(_Strict):
@@ -145,6 +223,9 @@ class Sweep(_Strict):
     defaults: dict[str, Any] = {}
     trials: tuple[dict[str, Any], ...] = Field(min_length=1)
     grid: dict[str, tuple[Any, ...]] = {}
+    # every trial (and grid combination) once per seed; a seed sets the training and clusterer seed
+    # (``seed``) and the data shuffle and split (``data.seed``) together
+    seeds: tuple[Annotated[int, Field(ge=0)], ...] = ()
     resources: Resources = Resources()
     max_concurrent: PositiveInt | None = None
     source: str = Field("", exclude=True)  # the file text, logged with the parent run
@@ -153,6 +234,11 @@ class Sweep(_Strict):
     def expand(self) -> list[Trial]:
         """Resolved trials (validated by :func:`load_sweep`)."""
         return [Trial(name=name, config=TrialConfig(**cfg)) for name, cfg, _ in _expand(self)]
+
+
+# Trial names become Ray Tune trial folders and MLflow run names.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,99}")
+NAME_RULE = "cannot be a folder name: use letters, digits and . _ + = - (no spaces or slashes), at most 100"
 
 
 class SpecError(Exception):
@@ -198,7 +284,7 @@ def _suffix(dotted: str, value) -> str:
 
 
 def _expand(sweep: Sweep):
-    """Yield (Trial, (trial index, grid combination)) for every resolved trial."""
+    """Yield (name, config dict, (trial index, grid combination)) for every resolved trial."""
     keys = list(sweep.grid)
     combos = list(itertools.product(*(sweep.grid[k] for k in keys))) if keys else [()]
     for i, entry in enumerate(sweep.trials):
@@ -209,14 +295,28 @@ def _expand(sweep: Sweep):
             for k, v in zip(keys, combo):
                 _set_dotted(cfg, k, v)
             name = "-".join([str(entry.get("name"))] + [_suffix(k, v) for k, v in zip(keys, combo)])
-            yield name, cfg, (i, combo)
+            for seed in sweep.seeds or [None]:
+                if seed is None:
+                    yield name, cfg, (i, combo)
+                else:
+                    seeded = _set_dotted(_set_dotted(copy.deepcopy(cfg), "seed", seed), "data.seed", seed)
+                    yield f"{name}-seed{seed}", seeded, (i, combo)
 
 
 # ---------------------------------------------------------------- YAML with locations
 
 
 class _LineLoader(yaml.SafeLoader):
-    pass
+    """PyYAML keeps the last of two equal keys silently; a sweep file with one is an error instead."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _node_at(node, path, *, exact: bool = False) -> Any:
@@ -254,11 +354,21 @@ def _fmt_path(path) -> str:
 
 
 def _errors(err: ValidationError, prefix=()) -> list[tuple[tuple, str]]:
+    """(key path, message) of every error, the message ending with the offending value when it is one."""
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        out.append((prefix + loc, e["msg"].removeprefix("Value error, ")))
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e.get("input")
+        if e["type"] not in ("missing", "value_error", "assertion_error") and not isinstance(value, dict):
+            msg += f", got {_show(value)}"
+        out.append((prefix + loc, msg))
     return out
+
+
+def _show(value: Any) -> str:
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def parse_yaml(text: str, where: str):
@@ -277,9 +387,15 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read, validate and expand a sweep file; raise SpecError listing every problem with file:line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise SpecError(f"{path}: cannot read sweep file: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); "
+                        "save the sweep file as UTF-8") from None
     data, root = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise SpecError(f"{path}:1: a sweep file is a mapping with experiment, defaults, trials, ...")
@@ -305,7 +421,18 @@ def load_sweep(path: str | Path) -> Sweep:
                 report(("grid", k), "empty list: the grid would expand to no trials")
         for i, entry in enumerate(sweep.trials):
             if not isinstance(entry.get("name"), str) or not entry.get("name"):
-                report(("trials", i), "every trial needs a name (a non-empty string)")
+                report(("trials", i), f"every trial needs a name (a non-empty string), got {entry.get('name')!r}")
+            elif not NAME_RE.fullmatch(entry["name"]):
+                report(("trials", i, "name"), f"trial name {entry['name']!r} {NAME_RULE}")
+            if sweep.seeds and ("seed" in entry or "seed" in (entry.get("data") or {})):
+                where = ("trials", i, "seed") if "seed" in entry else ("trials", i, "data", "seed")
+                report(where, "seeds is set: it gives every trial its seed and data.seed")
+        if sweep.seeds:
+            for k in ("seed", "data.seed"):
+                if k in sweep.grid:
+                    report(("grid", k), f"grid.{k} and seeds both set the seeds; keep one")
+            if len(set(sweep.seeds)) != len(sweep.seeds):
+                report(("seeds",), f"seeds lists a seed twice: {list(sweep.seeds)}")
         seen_names: dict[str, int] = {}
         seen_keys: dict[str, str] = {}
         if not problems:
@@ -316,6 +443,9 @@ def load_sweep(path: str | Path) -> Sweep:
                     for loc, msg in _errors(err):
                         problems.append((_locate(root, i, loc), f"trials[{i}] ({name}): {_fmt_path(loc)}: {msg}"))
                     continue
+                if not NAME_RE.fullmatch(name):
+                    problems.append((_locate(root, i, ()), f"trials[{i}]: the grid makes the name {name!r}, which "
+                                                           f"{NAME_RULE}"))
                 if name in seen_names:
                     report(("trials", i, "name"), f"duplicate trial name {name!r} (also trials[{seen_names[name]}])")
                 elif config.key() in seen_keys:

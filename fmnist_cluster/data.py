@@ -44,6 +44,7 @@ HOW_TO_GET = (
     "--data-dir or FMC_DATA_DIR at their folder."
 )
 N_VAL = 12000  # the study's 48,000 / 12,000 split of the 60,000 training images
+N_TRAIN, N_TEST = 60000 - N_VAL, 10000
 
 
 class DataError(Exception):
@@ -204,11 +205,17 @@ def load_dataset(data_dir: str | os.PathLike | None = None, *, seed: int = 0,
     xt, yt = xt[order], yt[order]
     splits = [(x[N_VAL:], y[N_VAL:]), (x[:N_VAL], y[:N_VAL]), (xt, yt)]
     if subset is not None:
-        sizes = [subset, max(subset // 4, 10), subset]
-        splits = [_stratified(xs, ys, n, rng) for (xs, ys), n in zip(splits, sizes)]
+        splits = [_stratified(xs, ys, n, rng) for (xs, ys), n in zip(splits, split_sizes(subset))]
     # (n, 28, 28) uint8 -> (n, 28, 28, 1) float32 in [0, 1]
     (xtr, ytr), (xv, yv), (xte, yte) = [(normalise(xs), ys) for xs, ys in splits]
     return Dataset(xtr, ytr, xv, yv, xte, yte, source=f"{source}: {folder}")
+
+
+def split_sizes(subset: int | None = None) -> tuple[int, int, int]:
+    """(train, validation, test) image counts for ``subset`` (None: the full 48,000 / 12,000 / 10,000)."""
+    if subset is None:
+        return N_TRAIN, N_VAL, N_TEST
+    return min(subset, N_TRAIN), min(max(subset // 4, 10), N_VAL), min(subset, N_TEST)
 
 
 def normalise(images: np.ndarray) -> np.ndarray:

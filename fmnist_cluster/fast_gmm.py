@@ -39,7 +39,8 @@ class FastGaussianMixture:
 
     def __init__(self, n_components: int = 1, *, covariance_type: str = "full", tol: float = 1e-3,
                  reg_covar: float = 1e-6, max_iter: int = 100, n_init: int = 1, random_state=None,
-                 dtype: str = "float32", chunk_bytes: int = 512 * 2**20, n_blocks: int = 4):
+                 dtype: str = "float32", chunk_bytes: int = 512 * 2**20, n_blocks: int = 4,
+                 row_tol: float | None = 1e-2):
         if covariance_type not in COVARIANCE_TYPES:
             raise ValueError(f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}")
         self.n_components = n_components
@@ -52,6 +53,7 @@ class FastGaussianMixture:
         self.dtype = dtype
         self.chunk_bytes = chunk_bytes
         self.n_blocks = n_blocks
+        self.row_tol = row_tol
 
     # ----------------------------------------------------------------- public API
     def initial_responsibilities(self, X: np.ndarray) -> np.ndarray:
@@ -84,11 +86,14 @@ class FastGaussianMixture:
         self._varying = varying
         constant_term = (~varying).sum() * -0.5 * math.log(2 * math.pi * self.reg_covar)
         shift = X[:, varying].mean(axis=0)  # centring once keeps float32 products away from cancellation
-        Xc = np.concatenate([np.ones((len(X), 1)), X[:, varying] - shift], axis=1)  # [1, x]: see _e_step
+        X64 = X[:, varying] - shift
+        Xc = np.concatenate([np.ones((len(X), 1)), X64], axis=1)  # [1, x]: see _e_step
         Xc = ops.convert_to_tensor(Xc.astype(self.dtype))
         self._keras = keras
+        self.rows_used_: list[float] = []  # per M step: share of the rows the products ran over
+        self.float64_recoveries_ = 0  # restarts whose covariance had to be recomputed in float64
 
-        state = self._m_step(Xc, ops.convert_to_tensor(resp0.astype(self.dtype)))
+        state = self._m_step(Xc, ops.convert_to_tensor(resp0.astype(self.dtype)), X64)
         active = np.arange(n_init)
         lower = np.full(n_init, -np.inf)
         n_iter = np.zeros(n_init, dtype=int)
@@ -97,8 +102,8 @@ class FastGaussianMixture:
         history: dict[int, list[float]] = {r: [] for r in range(n_init)}
         for it in range(1, self.max_iter + 1):
             log_norm, log_resp = self._e_step(Xc, state)
-            state = self._m_step(Xc, ops.exp(log_resp))
-            bound = ops.convert_to_numpy(ops.mean(log_norm, axis=1)).astype(np.float64) + constant_term
+            state = self._m_step(Xc, ops.exp(log_resp), X64)
+            bound = ops.convert_to_numpy(log_norm).astype(np.float64).mean(axis=1) + constant_term
             change = bound - lower[active]
             lower[active] = bound
             n_iter[active] = it
@@ -185,52 +190,123 @@ class FastGaussianMixture:
         edges = np.linspace(0, d, b + 1).round().astype(int)
         return [(int(a), int(z)) for a, z in zip(edges[:-1], edges[1:]) if z > a]
 
-    def _chunks(self, n_restarts: int, n: int, d: int) -> list[slice]:
-        per_restart = 2 * self.n_components * n * d * np.dtype(self.dtype).itemsize // len(self._blocks(d))
-        size = max(1, min(n_restarts, self.chunk_bytes // max(per_restart, 1)))
-        return [slice(i, min(i + size, n_restarts)) for i in range(0, n_restarts, size)]
+    def _chunks(self, n_items: int, bytes_per_item: int) -> list[slice]:
+        """Slices of ``n_items`` whose temporaries (``bytes_per_item`` each) fit in ``chunk_bytes``."""
+        size = max(1, min(n_items, self.chunk_bytes // max(bytes_per_item, 1)))
+        return [slice(i, min(i + size, n_items)) for i in range(0, n_items, size)]
 
-    def _m_step(self, X, resp) -> dict:
-        """Parameters from responsibilities ``resp`` (R, n, K); X (n, d + 1) is [1, centred data]."""
+    def _m_step(self, X, resp, X64: np.ndarray) -> dict:
+        """Parameters from responsibilities ``resp`` (R, n, K); X (n, d + 1) is [1, centred data] and
+        ``X64`` the same centred data (n, d) in float64, for the rare restart that float32 cannot fit."""
         ops = self._keras.ops
         n, d = X.shape[0], X.shape[1] - 1
+        Xd = X[:, 1:]
         R, K = resp.shape[0], resp.shape[2]
         kind = self.covariance_type
-        reg = self.reg_covar
-        eye = ops.eye(d, dtype=self.dtype)
         nk = ops.sum(resp, axis=1) + 10 * np.finfo(self.dtype).eps  # (R, K)
+        means = ops.einsum("rnk,nd->rkd", resp, Xd) / nk[..., None]  # (R, K, d)
+        scatter = self._scatter(Xd, resp, means, nk, diagonal=kind in ("diag", "spherical"))
         if kind == "full":
-            # S = [1, x]^T diag(r_k) [1, x] for every (restart, component) at once: block column j
-            # of its upper part is X[:, :end_j]^T @ (r * X[:, block j]) (a symmetric matrix's lower
-            # blocks are its upper blocks mirrored, so they are not computed).
-            parts = []
-            for s in self._chunks(R, n, d):
-                rr = ops.reshape(ops.transpose(resp[s], (1, 0, 2)), (n, -1))  # (n, r*K)
-                cols = []
-                for a, z in self._blocks(d):
-                    w = ops.reshape(rr[:, :, None] * X[:, None, 1 + a:1 + z], (n, -1))  # (n, rK*bs)
-                    upper = ops.matmul(ops.transpose(X[:, :1 + z]), w)  # (1 + z, rK*bs)
-                    upper = ops.reshape(upper, (1 + z, -1, z - a))
-                    cols.append(ops.pad(upper, ((0, d - z), (0, 0), (0, 0))))  # zeros below the diagonal block
-                parts.append(ops.transpose(ops.concatenate(cols, axis=-1), (1, 0, 2)))  # (rK, 1 + d, d)
-            S = ops.reshape(ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0], (R, K, 1 + d, d))
-            sums, S = S[:, :, 0, :], S[:, :, 1:, :]  # sum_n r x (R, K, d); the block-upper part of X^T R X
-            S = S + ops.swapaxes(S * self._strict_upper(d), -1, -2)
-            means = sums / nk[..., None]
-            cov = S / nk[..., None, None] - means[..., :, None] * means[..., None, :] + reg * eye
+            cov = scatter / nk[..., None, None] + self.reg_covar * ops.eye(d, dtype=self.dtype)
+        elif kind == "tied":  # sum_k sum_n r (x - mu_k)(x - mu_k)^T / n, as scikit-learn's
+            cov = ops.sum(scatter, axis=1) / ops.sum(nk, axis=1)[:, None, None] + self.reg_covar * ops.eye(d, dtype=self.dtype)
         else:
-            Xd = X[:, 1:]
-            means = ops.einsum("rnk,nd->rkd", resp, Xd) / nk[..., None]  # (R, K, d)
-            if kind == "tied":
-                mm = ops.einsum("rk,rki,rkj->rij", nk, means, means)
-                cov = (ops.matmul(ops.transpose(Xd), Xd)[None] - mm) / ops.sum(nk, axis=1)[:, None, None] + reg * eye
-            else:
-                avg_x2 = ops.einsum("rnk,nd->rkd", resp, Xd * Xd) / nk[..., None]
-                var = avg_x2 - means * means + reg  # (R, K, d): E[x^2] - mu^2, as scikit-learn
-                cov = var if kind == "diag" else ops.mean(var, axis=-1)
+            var = scatter / nk[..., None] + self.reg_covar  # (R, K, d)
+            cov = var if kind == "diag" else ops.mean(var, axis=-1)
         state = {"weights": nk / n, "means": means, "covariances": cov}
-        state["prec_chol"] = self._precision_cholesky(cov)
+        try:
+            state["prec_chol"] = self._precision_cholesky(cov)
+        except FloatingPointError:
+            state.update(self._recover_float64(X64, resp, cov))
         return state
+
+    def _scatter(self, Xd, resp, means, nk, *, diagonal: bool):
+        """Centred scatter of every (restart, component): sum_n r_nk (x_n - mu_k)(x_n - mu_k)^T, as
+        (R, K, d, d), or only its diagonal (R, K, d).
+
+        Centring per component keeps float32 exact enough where a feature is (nearly) constant inside
+        a component (a ReLU unit that is zero for all its members): the uncentred E[x x^T] - mu mu^T
+        cancels there, down to a variance below ``reg_covar`` or a covariance that is not positive
+        definite. Rows whose weighted distance to a component's mean is below ``row_tol * reg_covar *
+        n_k / n`` are skipped for that component (their total share of any entry of the covariance is
+        below ``row_tol * reg_covar``): once EM has settled, most rows belong to one component, so the
+        products run over about n / K rows per component instead of n.
+        """
+        ops = self._keras.ops
+        n, d = Xd.shape
+        R, K = means.shape[0], means.shape[1]
+        B = R * K
+        w = ops.reshape(ops.transpose(resp, (0, 2, 1)), (B, n))  # (B, n)
+        mu = ops.reshape(means, (B, d))
+        m, score = n, None
+        if self.row_tol is not None:
+            x2 = ops.sum(Xd * Xd, axis=1)  # (n,)
+            m2 = ops.sum(mu * mu, axis=1)  # (B,)
+            dist = x2[None, :] - 2 * ops.matmul(mu, ops.transpose(Xd)) + m2[:, None]  # ||x - mu||^2, (B, n)
+            # plus the float32 rounding of that difference, so that no row is dropped on a rounding error
+            slack = 8 * np.finfo(self.dtype).eps * (x2[None, :] + m2[:, None])
+            score = w * (ops.maximum(dist, 0.0) + slack)
+            limit = self.row_tol * self.reg_covar * ops.reshape(nk, (B, 1)) / n
+            m = max(1, int(ops.convert_to_numpy(ops.max(ops.sum(ops.cast(score > limit, "int32"), axis=1)))))
+        sparse = m < 0.75 * n
+        self.rows_used_.append(m / n)
+        itemsize = np.dtype(self.dtype).itemsize
+        parts = []
+        for s in self._chunks(B, 3 * (m if sparse else n) * d * itemsize):
+            if sparse:
+                _, idx = ops.top_k(score[s], m)  # (b, m): the rows that matter to each component
+                rows = ops.take(Xd, idx, axis=0)  # (b, m, d)
+                ws = ops.take_along_axis(w[s], idx, axis=1)
+            else:
+                rows, ws = Xd[None], w[s]
+            Y = ops.sqrt(ws)[..., None] * (rows - mu[s][:, None, :])  # (b, rows, d)
+            if diagonal:
+                parts.append(ops.sum(Y * Y, axis=1))
+                continue
+            # Y^T Y is symmetric: block column j needs only rows 0..end_j; the blocks below the block
+            # diagonal are the mirrored blocks above it.
+            cols = []
+            for a, z in self._blocks(d):
+                upper = ops.matmul(ops.transpose(Y[:, :, :z], (0, 2, 1)), Y[:, :, a:z])  # (b, z, bs)
+                cols.append(ops.pad(upper, ((0, 0), (0, d - z), (0, 0))))
+            parts.append(ops.concatenate(cols, axis=-1))  # (b, d, d), block-upper
+        S = ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        if diagonal:
+            return ops.reshape(S, (R, K, d))
+        S = S + ops.swapaxes(S * self._strict_upper(d), -1, -2)
+        return ops.reshape(S, (R, K, d, d))
+
+    def _recover_float64(self, X64: np.ndarray, resp, cov) -> dict:
+        """Covariances and precision Cholesky factors again, in float64 (numpy), for the restarts whose
+        float32 covariance is not positive definite; raise as scikit-learn does when even float64 fails."""
+        ops = self._keras.ops
+        cov64 = ops.convert_to_numpy(cov).astype(np.float64)
+        chol = np.empty_like(cov64)
+        for r in range(len(cov64)):
+            try:
+                chol[r] = np.linalg.cholesky(cov64[r])
+                continue
+            except np.linalg.LinAlgError:
+                pass
+            self.float64_recoveries_ += 1
+            rr = ops.convert_to_numpy(resp[r]).astype(np.float64)  # (n, K)
+            nk = rr.sum(axis=0) + 10 * np.finfo(np.float64).eps
+            means = rr.T @ X64 / nk[:, None]
+            scatter = np.stack([(rr[:, k] * (X64 - means[k]).T) @ (X64 - means[k]) for k in range(len(nk))])
+            if self.covariance_type == "full":
+                cov64[r] = scatter / nk[:, None, None]
+            else:
+                cov64[r] = scatter.sum(axis=0) / nk.sum()
+            cov64[r][..., range(X64.shape[1]), range(X64.shape[1])] += self.reg_covar
+            try:
+                chol[r] = np.linalg.cholesky(cov64[r])
+            except np.linalg.LinAlgError:
+                raise ValueError("fast GMM: a component's covariance is not positive definite even in float64 "
+                                 "(a collapsed component); increase reg_covar, as scikit-learn would ask") from None
+        eye = np.broadcast_to(np.eye(chol.shape[-1]), chol.shape)
+        prec_chol = np.swapaxes(np.linalg.solve(chol, eye), -1, -2)  # L^-T; solve() as chol is lower
+        return {"covariances": ops.convert_to_tensor(cov64.astype(self.dtype)),
+                "prec_chol": ops.convert_to_tensor(prec_chol.astype(self.dtype))}
 
     def _strict_upper(self, d: int):
         """(d, d) mask of the blocks above the block diagonal."""
@@ -243,16 +319,14 @@ class FastGaussianMixture:
     def _precision_cholesky(self, cov):
         ops = self._keras.ops
         if self.covariance_type in ("diag", "spherical"):
-            return 1.0 / ops.sqrt(cov)
+            return 1.0 / ops.sqrt(cov)  # centred sums of squares + reg_covar: always positive
         cov64 = ops.cast(cov, "float64")
-        error = FloatingPointError("fast GMM: a covariance is not positive definite (a collapsed component); "
-                                   "increase reg_covar or use gmm.impl: sklearn")
         try:
             chol = ops.cholesky(cov64)
         except Exception as exc:  # noqa: BLE001 (each backend raises its own type)
-            raise error from exc
+            raise FloatingPointError("a covariance is not positive definite") from exc
         if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(chol)))):
-            raise error
+            raise FloatingPointError("a covariance is not positive definite")
         eye = ops.broadcast_to(ops.eye(cov.shape[-1], dtype="float64"), chol.shape)
         inv = ops.solve_triangular(chol, eye, lower=True)  # L^-1
         return ops.cast(ops.swapaxes(inv, -1, -2), self.dtype)  # precision Cholesky: L^-T (upper)
@@ -272,7 +346,8 @@ class FastGaussianMixture:
             # first 1 + end_j rows: one product per block for all restarts and components together.
             shifted = ops.concatenate([-ops.einsum("rkd,rkde->rke", means, pc)[:, :, None, :], pc], axis=2)
             parts = []
-            for s in self._chunks(R, n, d):
+            itemsize = np.dtype(self.dtype).itemsize
+            for s in self._chunks(R, 2 * n * K * d * itemsize // len(self._blocks(d))):
                 maha = 0.0
                 for a, z in self._blocks(d):
                     p = ops.transpose(shifted[s, :, :1 + z, a:z], (2, 0, 1, 3))  # (1 + z, r, K, bs)
@@ -281,19 +356,19 @@ class FastGaussianMixture:
                 parts.append(maha)
             maha = ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]  # (R, n, K)
         else:
+            # sum_d ((x - mu) / sigma)^2 on centred differences: a variance near reg_covar (a feature
+            # constant inside a component) makes the expanded x^2 - 2 x mu + mu^2 cancel in float32.
             Xd = X[:, 1:]
-            prec = pc * pc  # (R, K, d) or (R, K)
             if kind == "spherical":
                 log_det = d * ops.log(pc)
-                sq_means = ops.sum(means * means, axis=-1) * prec
-                cross = ops.einsum("nd,rkd->rnk", Xd, means * prec[..., None])
-                sq_x = ops.sum(Xd * Xd, axis=1)[None, :, None] * prec[:, None, :]
+                pc = ops.repeat(pc[..., None], d, axis=-1)  # (R, K, d)
             else:
                 log_det = ops.sum(ops.log(pc), axis=-1)
-                sq_means = ops.sum(means * means * prec, axis=-1)
-                cross = ops.einsum("nd,rkd->rnk", Xd, means * prec)
-                sq_x = ops.einsum("nd,rkd->rnk", Xd * Xd, prec)
-            maha = sq_means[:, None, :] - 2 * cross + sq_x
+            parts = []
+            for s in self._chunks(R, 2 * n * K * d * np.dtype(self.dtype).itemsize):
+                y = (Xd[None, :, None, :] - means[s][:, None]) * pc[s][:, None]  # (r, n, K, d)
+                parts.append(ops.sum(y * y, axis=-1))
+            maha = ops.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]  # (R, n, K)
         log_gauss = -0.5 * (d * math.log(2 * math.pi) + maha) + log_det[:, None, :]
         weighted = log_gauss + ops.log(state["weights"])[:, None, :]
         log_norm = ops.logsumexp(weighted, axis=-1)  # (R, n)

@@ -114,6 +114,8 @@ def run_trial(config: TrialConfig, *, data: Dataset | None = None, data_dir: str
         codes = encoder.predict(x_eval, batch_size=1024, verbose=0)  # (n_eval, latent_dim)
         result.timings["encode_seconds"] = time.perf_counter() - t
         result.info["latent_dim"] = int(codes.shape[1])
+        # ReLU units that are zero (constant) on every image clustered: features the clusterers cannot use
+        result.metrics["latent_dead_units"] = float((np.ptp(codes, axis=0) == 0).sum())
 
     labels = {}
     for name in config.clusterers:
