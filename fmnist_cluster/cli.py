@@ -40,6 +40,16 @@ def _tracker(uri: str | None):
     return tracker
 
 
+def _set_verbose(verbose: bool) -> None:
+    """--verbose: let the backends (TensorFlow's C++ core, Ray's workers) print their own lines."""
+    import os
+
+    if verbose:
+        os.environ["FMC_VERBOSE"] = "1"
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
 def _ints(text: str | None) -> list[int] | None:
     return None if text is None else [int(v) for v in text.replace(" ", "").split(",") if v]
 
@@ -81,13 +91,17 @@ def run(
     gmm_n_init: Optional[int] = None,
     covariance_type: Optional[str] = None,
     gmm_impl: Annotated[Optional[str], typer.Option(help="sklearn (reference) or fast.")] = None,
+    manifold: Annotated[Optional[str], typer.Option(help="none, umap or pca: a stage before the clusterers.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Score the codes every N epochs while training.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment (default: the sweep's, else fmc-run).")] = "",
     track: Annotated[bool, typer.Option(help="Log the trial to MLflow.")] = True,
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the backend.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the backends' own log lines.")] = False,
 ) -> None:
     """Run one trial without Ray: from flags, or trial NAME of a sweep file with flags on top."""
+    _set_verbose(verbose)
     from fmnist_cluster.config import SpecError, TrialConfig, deep_merge, load_sweep
 
     base: dict = {}
@@ -109,8 +123,10 @@ def run(
     for key, value in {"kind": kind, "filters": _ints(filters), "units": _ints(units)}.items():
         if value is not None:
             overrides["model"][key] = value
+    if manifold is not None:
+        overrides["manifold"] = {"kind": manifold}
     for key, value in {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                       "seed": seed, "eval_split": eval_split,
+                       "seed": seed, "eval_split": eval_split, "eval_every": eval_every,
                        "clusterers": clusterers.split(",") if clusterers else None}.items():
         if value is not None:
             overrides[key] = value
@@ -125,8 +141,9 @@ def run(
     try:
         config = TrialConfig(**merged)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'trial'}: {x['msg'].removeprefix('Value error, ')}"
-                             for x in e.errors())
+        from fmnist_cluster.config import _errors, _fmt_path
+
+        problems = "; ".join(f"{_fmt_path(loc) if loc else 'trial'}: {msg}" for loc, msg in _errors(e))
         raise fail(f"invalid trial settings: {problems}") from None
     name = trial or f"{config.model.label()}-e{config.epochs}-seed{config.seed}"
     _run_one(config, name, experiment or "fmc-run", track=track, tracking_uri=tracking_uri,
@@ -145,18 +162,19 @@ def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, d
               f"{len(data.y_train)}/{len(data.y_val)}/{len(data.y_test)} train/val/test images")
     logger = None
     if track:
-        from tracking import RunContext, TrialLogger
+        from tracking import TrialLogger
 
         tracker = _tracker(tracking_uri)
-        ctx = RunContext(tracker.uri, tracker.experiment(experiment), None, experiment)
-        logger = TrialLogger(ctx, name, config)
+        logger = TrialLogger(tracker.context(tracker.experiment(experiment), None, experiment), name, config)
+    progress = "auto" if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
     try:
         if logger:
             with logger:
-                result = run_trial(config, data=data, threads=threads, on_epoch=logger.epoch, verbose="auto")
+                result = run_trial(config, data=data, threads=threads, on_epoch=logger.epoch, on_eval=logger.eval,
+                                   verbose=progress)
                 logger.result(result)
         else:
-            result = run_trial(config, data=data, threads=threads, verbose="auto")
+            result = run_trial(config, data=data, threads=threads, verbose=progress)
     except (FloatingPointError, ValueError) as e:
         raise fail(f"trial {name} failed: {e}", 1) from None
     print_results(name, result)
@@ -197,8 +215,14 @@ def sweep(
     data_dir: DataDir = None,
     storage_path: Annotated[Optional[str], typer.Option(
         envvar="FMC_STORAGE_PATH", help="Ray Tune's results folder (default ./ray_results).")] = None,
+    share_training: Annotated[bool, typer.Option(
+        help="Train once for trials that differ only in epochs, clusterers or manifold.")] = True,
+    num_gpus: Annotated[Optional[int], typer.Option(
+        help="GPUs of a local Ray (default: detected); logical ones work for scheduling.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show the trials' and backends' own output.")] = False,
 ) -> None:
     """Run every trial of a sweep file on Ray Tune, logging each to MLflow; skip trials already finished."""
+    _set_verbose(verbose)
     from fmnist_cluster.config import SpecError, load_sweep
 
     try:
@@ -218,12 +242,18 @@ def sweep(
         table = Table(title=f"{spec}: experiment {spec_.experiment!r}, {len(trials)} trials, "
                             f"{res['cpu']:g} CPU + {res['gpu']:g} GPU each, "
                             f"max concurrent {max_concurrent or spec_.max_concurrent or 'auto'}")
-        for col in ("trial", "model", "epochs", "seed", "clusterers", "eval", "subset", "key"):
+        from fmnist_cluster.sweep import group_trials
+
+        groups = group_trials(trials, share_training=share_training)
+        trained_in = {t.name: g[-1].name for g in groups for t in g}
+        table.caption = (f"{len(groups)} Ray trials: trials that differ only after training share one "
+                         "(--no-share-training: one each)")
+        for col in ("trial", "model", "epochs", "seed", "clusterers", "manifold", "eval", "subset", "trained in", "key"):
             table.add_column(col)
         for t in trials:
             c = t.config
             table.add_row(t.name, c.model.label(), str(c.epochs), str(c.seed), ",".join(c.clusterers),
-                          c.eval_split, str(c.data.subset or "all"), c.key())
+                          c.manifold.kind, c.eval_split, str(c.data.subset or "all"), trained_in[t.name], c.key())
         out.print(table)
         return
     from fmnist_cluster.data import DataError, find_data_dir
@@ -235,22 +265,30 @@ def sweep(
     tracker = _tracker(tracking_uri)
     exp_id = tracker.experiment(spec_.experiment)
     done = {} if rerun else tracker.finished_keys(exp_id)
-    todo = [t for t in trials if t.config.key() not in done]
-    skipped = len(trials) - len(todo)
+    claimed = tracker.claimed_keys(exp_id)  # trials a live sweep is running now
+    todo = [t for t in trials if t.config.key() not in done and t.config.key() not in claimed]
+    busy = [t for t in trials if t.config.key() in claimed and t.config.key() not in done]
+    for t in busy:
+        out.print(f"skipping {t.name}: another sweep is running it ({claimed[t.config.key()]})")
     if not todo:
-        out.print(f"all {len(trials)} trials of {spec_.experiment!r} already finished in {tracker.uri}; "
-                  "nothing to do (--rerun runs them again)")
+        out.print(f"all {len(trials)} trials of {spec_.experiment!r} already finished"
+                  f"{' or running elsewhere' if busy else ''} in {tracker.uri}; nothing to do"
+                  f"{'' if busy else ' (--rerun runs them again)'}")
         return
-    if skipped:
-        out.print(f"{skipped} of {len(trials)} trials already finished in {tracker.uri}; running the other {len(todo)}")
+    finished = len(trials) - len(todo) - len(busy)
+    if finished:
+        out.print(f"{finished} of {len(trials)} trials already finished in {tracker.uri}; running the other {len(todo)}")
     from fmnist_cluster.sweep import TrialOutcome, run_sweep, trial_rows
 
     start = time.perf_counter()
     outcome = run_sweep(spec_, todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,
                         max_concurrent=max_concurrent, data_dir=str(data_dir) if data_dir else None,
-                        storage_path=storage_path, log_models=models)
+                        storage_path=storage_path, log_models=models, share_training=share_training,
+                        num_gpus=num_gpus, verbose=2 if verbose else 1)
     outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="finished earlier")
                        for t in trials if t.config.key() in done]
+    outcome.trials += [TrialOutcome(t.name, "SKIPPED", error=f"running in another sweep: {claimed[t.config.key()]}")
+                       for t in busy]
     _print_outcome(trial_rows(outcome), time.perf_counter() - start)
     out.print(f"MLflow: {tracker.uri}, experiment {spec_.experiment!r}, parent run {outcome.parent_run_id}")
     if outcome.interrupted:

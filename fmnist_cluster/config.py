@@ -28,6 +28,7 @@ class ModelConfig(_Strict):
     kind: Literal["conv", "dense", "none"] = "conv"
     filters: tuple[PositiveInt, ...] | None = None
     units: tuple[PositiveInt, ...] | None = None
+    latent_activation: Literal["relu", "linear"] = "relu"  # of the last encoder layer (the code)
 
     @model_validator(mode="after")
     def _fields_match_kind(self):
@@ -41,16 +42,17 @@ class ModelConfig(_Strict):
                 raise ValueError("kind dense needs units, e.g. [128, 64, 32]")
             if self.filters is not None:
                 raise ValueError("filters applies to kind conv, not dense")
-        elif self.filters is not None or self.units is not None:
-            raise ValueError("kind none clusters raw pixels and takes neither filters nor units")
+        elif self.filters is not None or self.units is not None or self.latent_activation != "relu":
+            raise ValueError("kind none clusters raw pixels and takes no filters, units or latent_activation")
         return self
 
     def label(self) -> str:
-        """Short architecture name: '64-32-16-7', 'dense-128-64-32' or 'raw'."""
+        """Short architecture name: '64-32-16-7', 'dense-128-64-32' (``-lin`` for a linear code) or 'raw'."""
+        suffix = "-lin" if self.latent_activation == "linear" else ""
         if self.kind == "conv":
-            return "-".join(map(str, self.filters))
+            return "-".join(map(str, self.filters)) + suffix
         if self.kind == "dense":
-            return "dense-" + "-".join(map(str, self.units))
+            return "dense-" + "-".join(map(str, self.units)) + suffix
         return "raw"
 
 
@@ -277,7 +279,9 @@ def _set_dotted(d: dict, dotted: str, value) -> dict:
 
 
 def _suffix(dotted: str, value) -> str:
-    last = dotted.rsplit(".", 1)[-1]
+    """Name part for a grid value: 'seed1', 'covariance_type-full', 'manifold-umap' (for manifold.kind)."""
+    parts = dotted.split(".")
+    last = parts[-2] if parts[-1] == "kind" and len(parts) > 1 else parts[-1]
     if isinstance(value, (list, tuple)):
         value = ".".join(map(str, value))
     return f"{last}{value}" if isinstance(value, (int, float)) and not isinstance(value, bool) else f"{last}-{value}"
@@ -441,7 +445,7 @@ def load_sweep(path: str | Path) -> Sweep:
                     config = TrialConfig(**cfg)
                 except ValidationError as err:
                     for loc, msg in _errors(err):
-                        problems.append((_locate(root, i, loc), f"trials[{i}] ({name}): {_fmt_path(loc)}: {msg}"))
+                        problems.append((_locate(root, i, loc), f"trials[{i}] ({name}): {_fmt_path(loc) + ': ' if loc else ''}{msg}"))
                     continue
                 if not NAME_RE.fullmatch(name):
                     problems.append((_locate(root, i, ()), f"trials[{i}]: the grid makes the name {name!r}, which "

@@ -68,7 +68,9 @@ class FastGaussianMixture:
 
     def fit(self, X, resp_init: np.ndarray | None = None) -> FastGaussianMixture:
         """Fit on ``X`` (n, d). ``resp_init`` (n_init, n, K) overrides the KMeans initialisation."""
-        import keras
+        from fmnist_cluster.quiet import quiet_import
+
+        keras = quiet_import("keras")
         from keras import ops
 
         X = np.asarray(X, dtype=np.float64)

@@ -2,7 +2,8 @@
 
 Conv: 3x3 same-padding ReLU convs, 2x2 max-pooling after the first two, the last conv's output
 flattened is the latent code; the decoder mirrors the encoder with upsampling and ends in a
-1-channel sigmoid conv. Dense: ReLU layers, mirrored, sigmoid output.
+1-channel sigmoid conv. Dense: ReLU layers, mirrored, sigmoid output. The latent layer is ReLU as in
+the study, or linear (``latent_activation: linear``, as in DEC and N2D: no dead units).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ def configure_backend(*, threads: int | None = None, seed: int | None = None) ->
     anything in this process; later calls only reseed.
     """
     global _configured
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # share a GPU between trials
-    import keras
+    from fmnist_cluster.quiet import quiet_import
+
+    keras = quiet_import("keras")
 
     if not _configured:
         _configured = True
@@ -53,14 +55,18 @@ def build_autoencoder(model: ModelConfig, *, learning_rate: float = 1e-3):
 
     Both take images of shape (n, 28, 28, 1); the encoder returns latent codes (n, latent_dim).
     """
-    import keras
-    from keras import layers
+    from fmnist_cluster.quiet import quiet_import
+
+    keras = quiet_import("keras")
+    layers = keras.layers
 
     inputs = keras.Input((28, 28, 1), name="image")
     if model.kind == "conv":
         x = inputs
         for i, f in enumerate(model.filters):
-            x = layers.Conv2D(f, 3, padding="same", activation="relu", name=f"enc_conv{i}")(x)
+            last = i == len(model.filters) - 1
+            x = layers.Conv2D(f, 3, padding="same", activation=model.latent_activation if last else "relu",
+                              name=f"enc_conv{i}")(x)
             if i < 2:
                 x = layers.MaxPooling2D(2, name=f"enc_pool{i}")(x)  # 28 -> 14 -> 7
         latent = layers.Flatten(name="latent")(x)  # (n, 7 * 7 * filters[-1])
@@ -73,7 +79,8 @@ def build_autoencoder(model: ModelConfig, *, learning_rate: float = 1e-3):
     elif model.kind == "dense":
         x = layers.Flatten(name="flatten")(inputs)  # (n, 784)
         for i, u in enumerate(model.units):
-            x = layers.Dense(u, activation="relu", name=f"enc_dense{i}")(x)
+            last = i == len(model.units) - 1
+            x = layers.Dense(u, activation=model.latent_activation if last else "relu", name=f"enc_dense{i}")(x)
         latent = x
         y = x
         for i in reversed(range(len(model.units) - 1)):

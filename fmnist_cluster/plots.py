@@ -58,6 +58,21 @@ def loss_curves(history: dict[str, list[float]], *, title: str = "") -> Figure:
     return fig
 
 
+def scores_vs_epoch(evals: dict[int, dict[str, float]], *, title: str = "") -> Figure:
+    """Clustering scores of the codes against training epochs: {epoch: {"kmeans_acc": .., ...}}."""
+    epochs = sorted(evals)
+    names = sorted({k for scores in evals.values() for k in scores
+                    if k.endswith(("_acc", "_acc_majority", "_nmi"))})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        points = [(e, evals[e][name]) for e in epochs if name in evals[e]]
+        ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set(xlabel="epoch", ylabel="score", title=title or "clustering during training")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
 def confusion_heatmap(matrix: np.ndarray, *, title: str = "", xlabel: str = "assigned label") -> Figure:
     """Heatmap of a (10, 10) confusion matrix with counts written in the cells."""
     fig, ax = plt.subplots(figsize=(6.5, 5.5))

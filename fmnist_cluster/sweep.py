@@ -1,28 +1,30 @@
 """Run a sweep's trials on Ray Tune, each logged to MLflow through the ``tracking`` adapter.
 
-The seam: the Ray trainable is a few lines around ``run_trial`` and ``TrialLogger``. The MLflow store
-is the record of what finished (``fmc.trial_key``), so an interrupted sweep, run again anywhere
-against the same store, runs only what is missing.
+The seam: the Ray trainable is a few lines around ``run_group`` and ``TrialLogger``. Trials that differ
+only in what happens after training (their epochs, clusterers, manifold) share one Ray trial and one
+training (:func:`group_trials`); each still gets its own child run. The MLflow store is the record of
+what finished or is running (``fmc.trial_key``), so an interrupted sweep, run again anywhere against
+the same store, runs only what is missing, and two sweeps started at once never run a trial twice.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fmnist_cluster.config import Sweep, Trial, TrialConfig
 
-PROGRESS_COLUMNS = {"loss": "loss", "val_loss": "val_loss", "kmeans_acc": "km acc", "gmm_acc": "gmm acc",
-                    "kmeans_nmi": "km nmi", "gmm_nmi": "gmm nmi"}
+PROGRESS_COLUMNS = {"epoch": "epoch", "loss": "loss", "val_loss": "val_loss", "scored": "scored"}
 
 
 @dataclass
 class TrialOutcome:
     name: str
-    status: str  # FINISHED, FAILED, KILLED, SKIPPED (finished in an earlier invocation)
+    status: str  # FINISHED, FAILED, KILLED, SKIPPED (finished earlier, or run by another sweep)
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float | None = None
     error: str | None = None
@@ -39,42 +41,107 @@ class SweepOutcome:
         return any(t.status == "FAILED" for t in self.trials)
 
 
+def group_trials(trials: list[Trial], *, share_training: bool = True) -> list[list[Trial]]:
+    """Trials that can share one training (equal ``training_key``, an autoencoder to train); raw-pixel
+    trials and, without ``share_training``, every trial stand alone. Each group ends with its lead,
+    the first of its longest trials in sweep order (the others are scored on the lead's training);
+    groups keep the order of their first trial in the sweep."""
+    groups: dict[str, list[tuple[int, Trial]]] = {}
+    for i, t in enumerate(trials):
+        shared = share_training and t.config.model.kind != "none"
+        groups.setdefault(t.config.training_key() if shared else f"alone-{i}", []).append((i, t))
+    return [[t for _, t in sorted(g, key=lambda it: (it[1].config.epochs, -it[0]))] for g in groups.values()]
+
+
+def _placement() -> dict[str, str]:
+    """Where this Ray trial runs: node id and host, and the GPUs Ray gave it."""
+    import ray
+
+    context = ray.get_runtime_context()
+    tags = {"fmc.node": f"{socket.gethostname()}:{context.get_node_id()[:12]}",
+            "fmc.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    gpus = ray.get_gpu_ids()
+    if gpus:
+        tags["fmc.ray_gpu_ids"] = ",".join(map(str, gpus))
+    return tags
+
+
 def _trainable(param: dict, datasets: dict, ctx, log_models: bool) -> None:
-    """Ray Tune function trainable: one trial, one child run."""
+    """Ray Tune function trainable: one group of trials (one training), one child run per trial."""
     from ray import tune
 
-    from fmnist_cluster.trial import run_trial
+    from fmnist_cluster.plots import close
+    from fmnist_cluster.trial import run_group
     from tracking import TrialLogger
+    from tracking.mlflow_adapter import Heartbeat
 
-    name, config = param["trial"]["name"], TrialConfig(**param["trial"]["config"])
+    group = [(t["name"], TrialConfig(**t["config"])) for t in param["group"]]
+    lead = group[-1][0]  # the longest training: the others are scored on the way
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the trial's CPUs
-    data = datasets[(config.data.subset, config.data.seed)]
+    tags = {**_placement(), "fmc.trained_in": lead}
+    outcomes: dict[str, dict[str, Any]] = {}  # name -> {status, metrics, seconds, error}, reported to Tune
+    loggers: dict[str, TrialLogger] = {}
+    for name, config in group:
+        log = TrialLogger(ctx, name, config, log_models=log_models, tags=tags)
+        holder = log.start(claim=True)
+        if holder:
+            outcomes[name] = {"status": "SKIPPED", "error": holder}
+        else:
+            loggers[config.key()] = log
+    names = {config.key(): name for name, config in group}
+    todo = [config for _, config in group if config.key() in loggers]
+    if not todo:
+        tune.report({"trials": outcomes, "done": True})
+        return
 
     def on_epoch(epoch: int, values: dict[str, float]) -> None:
-        log.epoch(epoch, values)
-        tune.report({**values, "epoch": epoch})
+        for config in todo:
+            if config.epochs >= epoch and not loggers[config.key()].finished:
+                loggers[config.key()].epoch(epoch, values)
+        tune.report({**values, "epoch": epoch, "scored": len(outcomes), "trials": outcomes})
 
-    with TrialLogger(ctx, name, config, log_models=log_models) as log:
-        result = run_trial(config, data=data, threads=threads, on_epoch=on_epoch)
-        log.result(result)
-        from fmnist_cluster.plots import close
+    def on_eval(config: TrialConfig, epoch: int, scores: dict[str, float]) -> None:
+        loggers[config.key()].eval(epoch, scores)
 
-        close(result.figures)
-    tune.report({**result.metrics, **result.timings, "run_id": log.run_id, "done": True})
+    def on_result(config: TrialConfig, result, error) -> None:
+        log = loggers[config.key()]
+        if error is not None:
+            log.finish(error)
+            outcomes[names[config.key()]] = {"status": "FAILED", "error": f"{type(error).__name__}: {error}"}
+        else:
+            log.result(result)
+            log.finish()
+            close(result.figures)
+            outcomes[names[config.key()]] = {"status": "FINISHED", "seconds": result.timings.get("total_seconds"),
+                                             "metrics": {k: v for k, v in result.metrics.items()}}
+        tune.report({"scored": len(outcomes), "trials": outcomes})
+
+    with Heartbeat(list(loggers.values())):
+        try:
+            run_group(todo, data=datasets[(todo[0].data.subset, todo[0].data.seed)], threads=threads,
+                      on_epoch=on_epoch, on_eval=on_eval, on_result=on_result)
+        except BaseException as error:  # the training itself failed or was stopped: every open trial ends
+            for log in loggers.values():
+                log.finish(error)
+            raise
+    tune.report({"scored": len(outcomes), "trials": outcomes, "done": True})
 
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "FMC_DATA_DIR")
+                 "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "FMC_DATA_DIR",
+                 "FMC_TRACKING_OUTAGE_SECONDS", "FMC_CLAIM_TTL_SECONDS", "FMC_CLAIM_SETTLE_SECONDS",
+                 "TF_CPP_MIN_LOG_LEVEL", "FMC_VERBOSE")
 
 
 def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None = None,
               cpu: float | None = None, gpu: float | None = None, max_concurrent: int | None = None,
               data_dir: str | None = None, storage_path: str | None = None, log_models: bool = True,
-              verbose: int = 1) -> SweepOutcome:
+              share_training: bool = True, num_gpus: int | None = None, verbose: int = 1) -> SweepOutcome:
     """Run ``trials`` (those not finished yet) of ``sweep`` on Ray Tune; return what happened to each.
 
     The tracker must be checked and the experiment created by the caller; this opens the parent run,
     runs the trials, closes the parent (FINISHED, FAILED if a trial failed, KILLED if interrupted).
+    ``num_gpus`` sets the GPUs of a local Ray (default: those it detects).
     """
     # Tune's classic reporter, so that the progress table shows our metric columns
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -87,8 +154,11 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
     from fmnist_cluster.data import load_dataset
 
     exp_id = tracker.experiment(sweep.experiment)
+    groups = group_trials(trials, share_training=share_training)
     ctx = tracker.start_parent(exp_id, sweep.experiment, source=sweep.source,
-                               params={"trials": len(trials), "resources.cpu": cpu or sweep.resources.cpu,
+                               params={"trials": len(trials), "ray_trials": len(groups),
+                                       "share_training": share_training,
+                                       "resources.cpu": cpu or sweep.resources.cpu,
                                        "resources.gpu": gpu if gpu is not None else sweep.resources.gpu,
                                        "max_concurrent": max_concurrent or sweep.max_concurrent or "auto"})
     # Ctrl-C and SIGTERM both stop Tune cleanly: Tune handles SIGINT, so route SIGTERM to it.
@@ -106,22 +176,21 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
             # (a local Ray's workers inherit them anyway).
             env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
             ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
-                     configure_logging=True, logging_level="WARNING",
+                     configure_logging=True, logging_level="WARNING", num_gpus=num_gpus if not address else None,
                      runtime_env={"env_vars": env_vars} if env_vars else None)
         resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, datasets=datasets, ctx=ctx, log_models=log_models), resources)
-        by_name = {t.name: t for t in trials}
         reporter = tune.CLIReporter(metric_columns=PROGRESS_COLUMNS, max_report_frequency=30,
                                     parameter_columns=[], print_intermediate_tables=True)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(
-                [{"name": t.name, "config": t.config.model_dump(mode="json")} for t in trials])},
+            param_space={"group": tune.grid_search(
+                [[{"name": t.name, "config": t.config.model_dump(mode="json")} for t in g] for g in groups])},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or sweep.max_concurrent,
                                         reuse_actors=False,
-                                        trial_name_creator=lambda tr: tr.config["trial"]["name"],
-                                        trial_dirname_creator=lambda tr: f"{tr.config['trial']['name']}-{tr.trial_id}"),
+                                        trial_name_creator=lambda tr: _group_name(tr.config["group"]),
+                                        trial_dirname_creator=lambda tr: f"{tr.config['group'][-1]['name']}-{tr.trial_id}"),
             run_config=tune.RunConfig(
                 name=f"{sweep.experiment}-{ctx.parent_run_id[:8]}",
                 storage_path=str(Path(storage_path or "ray_results").resolve()),
@@ -129,22 +198,25 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
                 progress_reporter=reporter, verbose=verbose),
         )
         grid = tuner.fit()
+        seen = set()
         for res in grid:
-            name = res.config["trial"]["name"]
-            m = res.metrics or {}
-            if res.error is not None:
-                status, error = "FAILED", _short_error(res.error)
-            elif m.get("done"):
-                status, error = "FINISHED", None
-            else:
-                status, error = "KILLED", "interrupted"
-            outcome.trials.append(TrialOutcome(name, status, {k: v for k, v in m.items() if isinstance(v, float)},
-                                               m.get("total_seconds"), error))
-        outcome.interrupted = any(t.status == "KILLED" for t in outcome.trials)
+            reported = (res.metrics or {}).get("trials") or {}
+            for member in res.config["group"]:
+                name = member["name"]
+                seen.add(name)
+                if name in reported:
+                    r = reported[name]
+                    outcome.trials.append(TrialOutcome(name, r["status"], r.get("metrics") or {}, r.get("seconds"),
+                                                       r.get("error")))
+                elif res.error is not None:
+                    outcome.trials.append(TrialOutcome(name, "FAILED", error=_short_error(res.error)))
+                else:
+                    outcome.trials.append(TrialOutcome(name, "KILLED", error="interrupted"))
         # trials Tune never started (interrupted before their turn)
-        seen = {t.name for t in outcome.trials}
-        outcome.trials += [TrialOutcome(n, "KILLED", error="not started") for n in by_name if n not in seen]
-        outcome.interrupted |= len(seen) < len(by_name)
+        outcome.trials += [TrialOutcome(t.name, "KILLED", error="not started") for t in trials if t.name not in seen]
+        outcome.interrupted = any(t.status == "KILLED" for t in outcome.trials)
+        order = {t.name: i for i, t in enumerate(trials)}
+        outcome.trials.sort(key=lambda t: order.get(t.name, len(order)))
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -152,15 +224,37 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         status = "KILLED" if outcome.interrupted else ("FAILED" if outcome.failed else "FINISHED")
         rows = trial_rows(outcome)
         table = {k: [r[k] for r in rows] for k in rows[0]} if rows else None
-        tracker.end_parent(ctx, status, table=table, figures=_comparison(tracker, exp_id))
+        try:
+            keys = {t.config.key() for t in trials}
+            runs = [r for r in tracker.trial_runs(exp_id) if r["tags"].get("fmc.trial_key") in keys]
+        except Exception:  # noqa: BLE001 - the store is down: close the parent without the summary figures
+            runs = []
+        tracker.end_parent(ctx, status, table=table, figures=_comparison(runs), metrics=best_scores(runs))
     return outcome
 
 
-def _comparison(tracker, experiment_id: str) -> dict[str, Any]:
-    """The report's comparison chart over every finished trial of the experiment (for the parent run)."""
+def _group_name(group: list[dict]) -> str:
+    """Ray trial name of a group: its longest trial, '+N' when it scores N shorter ones on the way."""
+    return group[-1]["name"] + (f"+{len(group) - 1}" if len(group) > 1 else "")
+
+
+def best_scores(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """``best_{clusterer}_{score}`` over finished trial runs: the sweep's best, for sorting sweeps in MLflow."""
+    best: dict[str, float] = {}
+    for run in runs:
+        for c in ("kmeans", "gmm"):
+            for s in ("acc", "acc_majority", "nmi", "ari"):
+                value = run["metrics"].get(f"{c}_{s}")
+                if value is not None:
+                    best[f"best_{c}_{s}"] = max(value, best.get(f"best_{c}_{s}", value))
+    return best
+
+
+def _comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's comparison chart over the sweep's finished trials (for the parent run)."""
     from fmnist_cluster import report
 
-    rows = report.aggregate(tracker.trial_runs(experiment_id))
+    rows = report.aggregate(runs)
     return {"comparison": report.comparison_chart(rows)} if rows else {}
 
 

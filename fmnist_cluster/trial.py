@@ -1,11 +1,15 @@
-"""One trial, end to end: data -> autoencoder -> latent codes -> KMeans / GMM -> scores and figures.
+"""One trial, end to end: data -> autoencoder -> latent codes -> (manifold) -> KMeans / GMM -> scores.
 
-``run_trial(config) -> TrialResult`` is the whole science of fmc. Ray Tune, MLflow and the CLI are thin
-wrappers around it; nothing here imports them.
+``run_trial(config) -> TrialResult`` is the whole science of fmc. ``run_group(configs, on_result=...)``
+runs trials that differ only in what happens after training (their ``epochs``, clusterers, manifold,
+evaluation split) on one training: it trains to the longest ``epochs`` and, at the end of each
+shorter one, scores that trial exactly as if it had run alone. Ray Tune, MLflow and the CLI are thin
+wrappers around these two; nothing here imports them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -19,32 +23,148 @@ from fmnist_cluster.clustering import fit_predict
 from fmnist_cluster.config import TrialConfig
 from fmnist_cluster.data import Dataset, load_dataset
 
-EpochHook = Callable[[int, dict[str, float]], None]  # (epoch starting at 1, {"loss": .., "val_loss": ..})
+EpochHook = Callable[[int, dict[str, float]], None]  # (epoch starting at 1, {"loss", "val_loss", "epoch_seconds"})
+EvalHook = Callable[[TrialConfig, int, dict[str, float]], None]  # (trial, epoch, {"kmeans_acc": ..})
 
 
 @dataclass
 class TrialResult:
     """What one trial produced.
 
-    metrics : ``{clusterer}_{score}`` for score in acc, acc_majority, nmi, ari; and ``recon_mse``.
-    timings : seconds: data, train, encode, kmeans, gmm, figures, total (``{step}_seconds``).
-    history : per-epoch ``loss``, ``val_loss`` and ``epoch_seconds``.
+    metrics : ``{clusterer}_{score}`` for score in acc, acc_majority, nmi, ari; ``recon_mse``;
+        ``latent_dead_units``.
+    timings : seconds: data, train, encode, manifold, kmeans, gmm, eval, figures, total (``{step}_seconds``).
+    history : per-epoch ``loss``, ``val_loss`` and ``epoch_seconds`` (up to the trial's own epochs).
+    evals : epoch -> scores of the codes at that epoch (``eval_every``), the final scores included.
     confusion : ``{clusterer}_{hungarian|majority}`` -> (10, 10) int array (true x assigned label).
-    figures : name -> matplotlib Figure (``pca``, ``reconstructions``, ``loss``, ``confusion_{clusterer}``).
-    models : ``autoencoder``, ``encoder`` (Keras, absent for raw pixels) and fitted clusterers by name.
+    figures : name -> matplotlib Figure (``pca``, ``reconstructions``, ``loss``, ``clustering_vs_epoch``,
+        ``confusion_{clusterer}_{mapping}``).
+    models : ``autoencoder``, ``encoder`` (Keras, absent for raw pixels), ``manifold`` and the fitted
+        clusterers by name. In a group these are live: log or copy them before training goes on.
     """
 
     config: TrialConfig
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     history: dict[str, list[float]] = field(default_factory=dict)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
     confusion: dict[str, np.ndarray] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]]):
+def run_trial(config: TrialConfig, *, data: Dataset | None = None, data_dir: str | None = None,
+              threads: int | None = None, on_epoch: EpochHook | None = None,
+              on_eval: Callable[[int, dict[str, float]], None] | None = None,
+              figures: bool = True, verbose: int | str = 0) -> TrialResult:
+    """Run one trial alone.
+
+    Parameters
+    ----------
+    config : the validated trial settings.
+    data : an already loaded dataset matching ``config.data`` (a sweep shares one); loaded when None.
+    data_dir : where to look for the IDX files when loading.
+    threads : CPU threads the backend may use (a Ray trial's share); None leaves the backend's default.
+    on_epoch : called after each training epoch with (epoch, {loss, val_loss, epoch_seconds}).
+    on_eval : called with (epoch, scores) each time ``eval_every`` scores the codes during training.
+    figures : draw the figures (PCA scatter, reconstructions, loss curves, confusion heatmaps).
+    verbose : Keras' ``fit`` verbosity (1 or "auto": a progress bar; 2: one line per epoch).
+    """
+    results: list[TrialResult] = []
+
+    def keep(_config, result, error):
+        if error is not None:
+            raise error
+        results.append(result)
+
+    run_group([config], data=data, data_dir=data_dir, threads=threads, on_epoch=on_epoch,
+              on_eval=None if on_eval is None else (lambda _c, epoch, scores: on_eval(epoch, scores)),
+              on_result=keep, figures=figures, verbose=verbose)
+    return results[0]
+
+
+def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, TrialResult | None,
+                                                                    BaseException | None], None],
+              data: Dataset | None = None, data_dir: str | None = None, threads: int | None = None,
+              on_epoch: EpochHook | None = None, on_eval: EvalHook | None = None, figures: bool = True,
+              verbose: int | str = 0) -> None:
+    """Run trials that share their training (equal :meth:`TrialConfig.training_key`).
+
+    The autoencoder trains once, to the largest ``epochs``; at the end of each trial's own epochs that
+    trial is encoded, clustered and scored, and handed to ``on_result(config, result, None)`` before
+    training goes on. A trial whose scoring fails is handed over as ``on_result(config, None, error)``
+    and the others go on; an error of the training itself (a diverged loss) ends the group.
+    """
+    if len({c.training_key() for c in configs}) != 1:
+        raise ValueError("run_group: the trials differ in their training settings: "
+                         + ", ".join(sorted({c.training_key() for c in configs})))
+    lead = max(configs, key=lambda c: c.epochs)
+    t = time.perf_counter()
+    if data is None:
+        data = load_dataset(data_dir, seed=lead.data.seed, subset=lead.data.subset)
+    data_seconds = time.perf_counter() - t
+    if lead.model.kind != "none" or any("gmm" in c.clusterers and c.gmm.impl == "fast" for c in configs):
+        from fmnist_cluster.models import configure_backend
+
+        configure_backend(threads=threads, seed=lead.seed)  # Keras runs the training or the fast GMM
+    state = _State(data=data, data_seconds=data_seconds, threads=threads, figures=figures)
+
+    def finish(config: TrialConfig) -> None:
+        try:
+            result = _evaluate(config, state)
+        except Exception as error:  # noqa: BLE001 - handed to the caller, who records it for this trial
+            on_result(config, None, error)
+            return
+        on_result(config, result, None)
+
+    if lead.model.kind == "none":  # raw pixels: nothing to train
+        for config in configs:
+            finish(config)
+        return
+
+    from fmnist_cluster.models import build_autoencoder
+
+    state.autoencoder, state.encoder = build_autoencoder(lead.model, learning_rate=lead.learning_rate)
+
+    def after_epoch(epoch: int) -> None:
+        if lead.eval_every and epoch % lead.eval_every == 0:
+            t = time.perf_counter()
+            done: dict[str, dict[str, float]] = {}  # trials with the same scoring settings share it
+            for config in configs:
+                if config.epochs > epoch:
+                    signature = _scoring_signature(config)
+                    if signature not in done:
+                        done[signature] = _score_codes(config, state, config.eval_clusterers)
+                    state.evals.setdefault(config.key(), {})[epoch] = done[signature]
+                    if on_eval is not None:
+                        on_eval(config, epoch, done[signature])
+            state.eval_seconds += time.perf_counter() - t
+        for config in configs:
+            if config.epochs == epoch:
+                finish(config)
+
+    state.autoencoder.fit(data.x_train, data.x_train, validation_data=(data.x_val, data.x_val),
+                          epochs=lead.epochs, batch_size=lead.batch_size, shuffle=True, verbose=verbose,
+                          callbacks=[_epoch_callback(on_epoch, state.history, after_epoch)])
+
+
+@dataclass
+class _State:
+    """What the trials of a group share while it trains."""
+
+    data: Dataset
+    data_seconds: float
+    threads: int | None
+    figures: bool
+    autoencoder: Any = None
+    encoder: Any = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    evals: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # trial key -> epoch -> scores
+    eval_seconds: float = 0.0
+
+
+def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], None]):
     import keras
 
     class EpochCallback(keras.callbacks.Callback):
@@ -60,93 +180,117 @@ def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]])
                 raise FloatingPointError(f"training loss is {logs.get('loss')} at epoch {epoch + 1}; the autoencoder diverged")
             if on_epoch is not None:
                 on_epoch(epoch + 1, {k: history[k][-1] for k in ("loss", "val_loss", "epoch_seconds")})
+            after_epoch(epoch + 1)
 
     return EpochCallback()
 
 
-def run_trial(config: TrialConfig, *, data: Dataset | None = None, data_dir: str | None = None,
-              threads: int | None = None, on_epoch: EpochHook | None = None,
-              figures: bool = True, verbose: int | str = 0) -> TrialResult:
-    """Run one trial.
+def _scoring_signature(config: TrialConfig) -> str:
+    """The settings that decide a trial's scores once its codes are given."""
+    dump = config.model_dump(mode="json")
+    return json.dumps({k: dump[k] for k in ("n_clusters", "eval_clusterers", "kmeans", "gmm", "eval_split",
+                                             "manifold", "seed")}, sort_keys=True)
 
-    Parameters
-    ----------
-    config : the validated trial settings.
-    data : an already loaded dataset matching ``config.data`` (a sweep shares one); loaded when None.
-    data_dir : where to look for the IDX files when loading.
-    threads : CPU threads the backend may use (a Ray trial's share); None leaves the backend's default.
-    on_epoch : called after each training epoch with (epoch, {loss, val_loss, epoch_seconds}).
-    figures : draw the figures (PCA scatter, reconstructions, loss curves, confusion heatmaps).
-    verbose : Keras' ``fit`` verbosity ("auto" shows its progress bar).
-    """
-    result = TrialResult(config=config)
-    t_total = time.perf_counter()
+
+def _codes(config: TrialConfig, state: _State) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (n_eval, latent_dim) or raw pixels (n_eval, 784), labels (n_eval,)) of the evaluation split."""
+    x_eval, y_eval = state.data.split(config.eval_split)
+    if state.encoder is None:
+        return x_eval.reshape(len(x_eval), -1), y_eval
+    return state.encoder.predict(x_eval, batch_size=1024, verbose=0), y_eval
+
+
+def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, clusterers, threads: int | None,
+             result: TrialResult | None = None) -> dict[str, np.ndarray]:
+    """Manifold (if any) then each clusterer on ``codes``; scores into ``result.metrics`` (and timings,
+    models when a result is given). Returns {clusterer: labels} and, under "features", what was clustered."""
+    from fmnist_cluster.manifold import fit_manifold
 
     t = time.perf_counter()
-    if data is None:
-        data = load_dataset(data_dir, seed=config.data.seed, subset=config.data.subset)
+    reducer, features = fit_manifold(config, codes, threads=threads)
+    out = {"features": features}
+    if result is not None and reducer is not None:
+        result.models["manifold"] = reducer
+        result.timings["manifold_seconds"] = time.perf_counter() - t
+    for name in clusterers:
+        t = time.perf_counter()
+        estimator, out[name] = fit_predict(name, config, features)
+        if result is not None:
+            result.timings[f"{name}_seconds"] = time.perf_counter() - t
+            result.models[name] = estimator
+            for score, value in metrics.score_all(y_eval, out[name]).items():
+                result.metrics[f"{name}_{score}"] = value
+    return out
+
+
+def _score_codes(config: TrialConfig, state: _State, clusterers) -> dict[str, float]:
+    """Scores of the current codes (during training): {clusterer}_{score} for ``clusterers``."""
+    codes, y_eval = _codes(config, state)
+    labels = _cluster(config, codes, y_eval, clusterers, state.threads)
+    return {f"{name}_{score}": value for name in clusterers
+            for score, value in metrics.score_all(y_eval, labels[name]).items()}
+
+
+def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
+    """The finished trial: its slice of the training history, codes, clusters, scores and figures."""
+    t_eval = time.perf_counter()
+    result = TrialResult(config=config)
+    data = state.data
+    result.history = {k: v[:config.epochs] for k, v in state.history.items()}
+    result.timings["data_seconds"] = state.data_seconds
     x_eval, y_eval = data.split(config.eval_split)
-    result.timings["data_seconds"] = time.perf_counter() - t
     result.info.update(data_source=data.source, n_train=len(data.y_train), n_val=len(data.y_val),
                        n_eval=len(y_eval))
 
     recon = None
-    if config.model.kind != "none" or ("gmm" in config.clusterers and config.gmm.impl == "fast"):
-        from fmnist_cluster.models import configure_backend
-
-        configure_backend(threads=threads, seed=config.seed)  # Keras runs the training or the fast GMM
-    if config.model.kind == "none":
-        codes = x_eval.reshape(len(x_eval), -1)  # raw pixels (n, 784)
-    else:
-        from fmnist_cluster.models import build_autoencoder
-
-        autoencoder, encoder = build_autoencoder(config.model, learning_rate=config.learning_rate)
-        result.models.update(autoencoder=autoencoder, encoder=encoder)
+    if state.autoencoder is not None:
+        result.models.update(autoencoder=state.autoencoder, encoder=state.encoder)
+        result.timings["train_seconds"] = float(sum(result.history["epoch_seconds"]))
         t = time.perf_counter()
-        autoencoder.fit(data.x_train, data.x_train, validation_data=(data.x_val, data.x_val),
-                        epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=verbose,
-                        callbacks=[_epoch_callback(on_epoch, result.history)])
-        result.timings["train_seconds"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        recon = autoencoder.predict(data.x_test, batch_size=1024, verbose=0)  # (n_test, 28, 28, 1)
+        recon = state.autoencoder.predict(data.x_test, batch_size=1024, verbose=0)  # (n_test, 28, 28, 1)
         result.metrics["recon_mse"] = float(np.mean((recon - data.x_test) ** 2))
-        codes = encoder.predict(x_eval, batch_size=1024, verbose=0)  # (n_eval, latent_dim)
+        codes, _ = _codes(config, state)  # (n_eval, latent_dim)
         result.timings["encode_seconds"] = time.perf_counter() - t
         result.info["latent_dim"] = int(codes.shape[1])
         # ReLU units that are zero (constant) on every image clustered: features the clusterers cannot use
         result.metrics["latent_dead_units"] = float((np.ptp(codes, axis=0) == 0).sum())
+    else:
+        codes, _ = _codes(config, state)
 
-    labels = {}
+    labels = _cluster(config, codes, y_eval, config.clusterers, state.threads, result)
+    features = labels.pop("features")
     for name in config.clusterers:
-        t = time.perf_counter()
-        estimator, labels[name] = fit_predict(name, config, codes)
-        result.timings[f"{name}_seconds"] = time.perf_counter() - t
-        result.models[name] = estimator
-        for score, value in metrics.score_all(y_eval, labels[name]).items():
-            result.metrics[f"{name}_{score}"] = value
         for mapping in ("hungarian", "majority"):
             result.confusion[f"{name}_{mapping}"] = metrics.mapped_confusion(
                 y_eval, labels[name], mapping=mapping, n_classes=config.n_clusters)
 
-    if figures:
+    if config.eval_every:
+        result.evals = {**state.evals.get(config.key(), {}),
+                        config.epochs: {k: v for k, v in result.metrics.items()
+                                        if k.split("_", 1)[0] in config.eval_clusterers}}
+        result.timings["eval_seconds"] = state.eval_seconds
+    if state.figures:
         t = time.perf_counter()
-        result.figures = draw_figures(result, codes, y_eval, labels, data, recon)
+        result.figures = draw_figures(result, features, y_eval, labels, data, recon)
         result.timings["figures_seconds"] = time.perf_counter() - t
-    result.timings["total_seconds"] = time.perf_counter() - t_total
+    result.timings["total_seconds"] = (state.data_seconds + result.timings.get("train_seconds", 0.0)
+                                       + result.timings.get("eval_seconds", 0.0) + time.perf_counter() - t_eval)
     return result
 
 
-def draw_figures(result: TrialResult, codes, y_eval, labels, data: Dataset, recon) -> dict[str, Any]:
+def draw_figures(result: TrialResult, features, y_eval, labels, data: Dataset, recon) -> dict[str, Any]:
     from fmnist_cluster import plots
 
     config = result.config
     arch = config.model.label()
-    figs = {"pca": plots.pca_scatter(codes, y_eval, labels, seed=config.seed,
-                                     title=f"{arch}: PCA of {config.eval_split} codes")}
+    what = "codes" if config.manifold.kind == "none" else f"{config.manifold.kind} embedding"
+    figs = {"pca": plots.pca_scatter(features, y_eval, labels, seed=config.seed,
+                                     title=f"{arch}: PCA of the {config.eval_split} {what}")}
     if recon is not None:
         figs["reconstructions"] = plots.reconstructions(data.x_test, recon, title=f"{arch}: test reconstructions")
         figs["loss"] = plots.loss_curves(result.history, title=f"{arch}: reconstruction loss")
+    if result.evals:
+        figs["clustering_vs_epoch"] = plots.scores_vs_epoch(result.evals, title=f"{arch}: clustering during training")
     for name in labels:
         for mapping in ("hungarian", "majority"):
             acc_key = "acc" if mapping == "hungarian" else "acc_majority"

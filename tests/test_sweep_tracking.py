@@ -6,13 +6,15 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FMC, ROOT, free_port
+from conftest import FMC, ROOT, free_port, stop, wait_http
 
 SWEEP = """\
 experiment: {experiment}
@@ -23,10 +25,15 @@ defaults:
   kmeans: {{n_init: 2}}
   gmm: {{n_init: 1, covariance_type: diag}}
 trials:
-  - {{name: conv, gmm: {{impl: fast}}}}  # the fast mixture's model logs and serves like scikit-learn's
+  # the fast mixture's model logs and serves like scikit-learn's; scored during training too
+  - {{name: conv, gmm: {{impl: fast}}, eval_every: 1}}
+  # differs from conv only in its epochs: scored on conv's training, at epoch 1
+  - {{name: conv-short, gmm: {{impl: fast}}, eval_every: 1, epochs: 1}}
+  # a UMAP stage before the clusterers; also on conv's training (it differs only after training)
+  - {{name: conv-umap, gmm: {{impl: fast}}, eval_every: 1, manifold: {{kind: umap, n_neighbors: 10}}}}
   - {{name: raw, model: {{kind: none}}}}
-  # 5 test images cannot make 10 clusters: a trial that validates but crashes at run time
-  - {{name: broken, model: {{kind: none}}, data: {{subset: 5}}}}
+  # a learning rate this large makes the loss NaN: a trial that validates but crashes at run time
+  - {{name: broken, model: {{kind: dense, units: [16, 8, 4]}}, learning_rate: 1.0e+30, epochs: 1}}
 resources: {{cpu: 1}}
 max_concurrent: 2
 """
@@ -59,8 +66,8 @@ def test_failing_trial_does_not_stop_the_others(tracked_sweep):
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     table = res.stdout[res.stdout.rindex("sweep finished"):]
     assert "conv" in table and "raw" in table
-    assert table.count("FINISHED") == 2 and table.count("FAILED") == 1
-    assert "n_samples=5" in table  # the trial's own error, not Ray's wrapper
+    assert table.count("FINISHED") == 4 and table.count("FAILED") == 1
+    assert "training loss is nan" in table  # the trial's own error, not Ray's wrapper
 
 
 def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
@@ -73,9 +80,9 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
     for r in (conv, raw, broken):
         assert r.data.tags["mlflow.parentRunId"] == parent_id
         assert r.data.tags["fmc.sweep"] == "it-sweep" and len(r.data.tags["fmc.trial_key"]) == 16
-        assert r.data.tags["fmc.host"] and r.data.tags["fmc.keras_backend"] == ("tensorflow" if r is conv else "none")
+        assert r.data.tags["fmc.host"] and r.data.tags["fmc.keras_backend"] == ("none" if r is raw else "tensorflow")
     assert conv.info.status == "FINISHED" and raw.info.status == "FINISHED"
-    assert broken.info.status == "FAILED" and "n_samples=5" in broken.data.tags["fmc.error"]
+    assert broken.info.status == "FAILED" and "diverged" in broken.data.tags["fmc.error"]
     assert "error/traceback.txt" in [a.path for a in client.list_artifacts(broken.info.run_id, "error")]
 
     m = conv.data.metrics
@@ -97,6 +104,45 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
     assert matrix.shape == (10, 10) and matrix.sum() == 200
     assert "summary.json" in [a.path for a in client.list_artifacts(parent_id)]
     assert "plots/comparison.png" in [a.path for a in client.list_artifacts(parent_id, "plots")]
+    # the parent carries the sweep's best scores, so that MLflow's table sorts sweeps
+    best = parents[0].data.metrics
+    assert best["best_gmm_acc"] == max(r.data.metrics["gmm_acc"] for name in ("conv", "raw", "conv-short", "conv-umap")
+                                       for r in runs[name])
+
+
+def test_shared_training_scores_each_trial_at_its_epochs(tracked_sweep, mlflow_server):
+    """conv-short (1 epoch) is scored on conv's training (2 epochs) at epoch 1, in its own child run."""
+    client = MlflowClient(mlflow_server)
+    runs = runs_by_name(client, "it-sweep")
+    conv, short = runs["conv"][0], runs["conv-short"][0]
+    assert conv.data.tags["fmc.trained_in"] == "conv" and short.data.tags["fmc.trained_in"] == "conv"
+    assert runs["raw"][0].data.tags["fmc.trained_in"] == "raw"
+    assert [m.step for m in client.get_metric_history(short.info.run_id, "loss")] == [1]
+    conv_loss = {m.step: m.value for m in client.get_metric_history(conv.info.run_id, "loss")}
+    assert client.get_metric_history(short.info.run_id, "loss")[0].value == conv_loss[1]
+    assert short.data.params["epochs"] == "1" and short.data.tags["fmc.trial_key"] != conv.data.tags["fmc.trial_key"]
+    # eval_every: 1 scored conv's codes at epoch 1 (step 1); its final scores are the latest (step 2)
+    history = {m.step: m.value for m in client.get_metric_history(conv.info.run_id, "kmeans_acc")}
+    assert sorted(history) == [1, 2] and history[2] == conv.data.metrics["kmeans_acc"]
+    assert [m.step for m in client.get_metric_history(conv.info.run_id, "gmm_acc")] == [2]  # eval_clusterers: kmeans
+    assert history[1] == short.data.metrics["kmeans_acc"]  # the same codes, the same KMeans
+    assert "eval_seconds" in conv.data.metrics
+    assert "plots/clustering_vs_epoch.png" in [a.path for a in client.list_artifacts(conv.info.run_id, "plots")]
+
+
+def test_a_shared_trial_scores_as_if_run_alone(tracked_sweep, mlflow_server, run_fmc):
+    """`fmc run SPEC --trial conv-short` in a fresh process (one thread, as the Ray trial had) gives the
+    scores that conv-short got on conv's training."""
+    _, spec, cwd, env = tracked_sweep
+    res = run_fmc("run", spec, "--trial", "conv-short", "--threads", "1", "--experiment", "alone",
+                  env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    (alone,) = runs_by_name(client, "alone")["conv-short"]
+    shared = runs_by_name(client, "it-sweep")["conv-short"][0]
+    assert alone.data.tags["fmc.trial_key"] == shared.data.tags["fmc.trial_key"]
+    for name in SCORE_METRICS + ["recon_mse"]:
+        assert alone.data.metrics[name] == shared.data.metrics[name], name
 
 
 def test_logged_clusterer_model_predicts_clusters(tracked_sweep, mlflow_server):
@@ -122,11 +168,53 @@ def test_logged_clusterer_model_predicts_clusters(tracked_sweep, mlflow_server):
     assert np.allclose(probs.sum(axis=1), 1) and (probs.argmax(axis=1) == out["cluster"]).all()
 
 
+def test_umap_trial_logs_its_manifold_and_serves_raw_images(tracked_sweep, mlflow_server, tmp_path):
+    """The UMAP stage: params manifold.*, manifold_seconds, the same score names; its clusterer model
+    embeds new images with UMAP's transform, loaded directly and served by `mlflow models serve`."""
+    import mlflow
+
+    from fmnist_cluster.data import load_dataset
+
+    client = MlflowClient(mlflow_server)
+    run = runs_by_name(client, "it-sweep")["conv-umap"][0]
+    assert run.info.status == "FINISHED" and run.data.tags["fmc.trained_in"] == "conv"
+    p, m = run.data.params, run.data.metrics
+    assert (p["manifold.kind"], p["manifold.n_neighbors"], p["manifold.n_components"], p["manifold.min_dist"],
+            p["manifold.metric"]) == ("umap", "10", "10", "0.0", "euclidean")
+    assert m["manifold_seconds"] > 0 and all(name in m for name in SCORE_METRICS)
+    mlflow.set_tracking_uri(mlflow_server)
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run.info.run_id}' and name = 'gmm_clusterer'")
+    images = load_dataset(seed=3, subset=50).x_test[:6]
+    local = mlflow.pyfunc.load_model(model.model_uri).predict(images.reshape(6, 784))
+    assert local["cluster"].between(0, 9).all()
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model.model_uri,
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, cwd=tmp_path, stdout=open(tmp_path / "serve.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
+        pixels = (images[..., 0] * 255).astype(int)  # 28x28 images, 0..255, as a client would send them
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": pixels.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            served = json.load(response)["predictions"]
+    finally:
+        stop(proc)
+    assert [row["cluster"] for row in served] == local["cluster"].tolist()
+    assert all(abs(sum(row[f"prob_{k}"] for k in range(10)) - 1) < 1e-6 for row in served)
+
+
 def test_rerun_skips_finished_trials(tracked_sweep, mlflow_server):
     _, spec, cwd, env = tracked_sweep
     res = subprocess.run(FMC + ["sweep", str(spec)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1  # broken fails again
-    assert "2 of 3 trials already finished" in res.stdout
+    assert "4 of 5 trials already finished" in res.stdout
     runs = runs_by_name(MlflowClient(mlflow_server), "it-sweep")
     assert len(runs["conv"]) == 1 and len(runs["raw"]) == 1 and len(runs["broken"]) == 2
 
@@ -136,7 +224,7 @@ def test_report_prints_table_and_chart(tracked_sweep, mlflow_server, run_fmc, tm
                   env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert lines[0].startswith("| case | model | epochs") and len(lines) == 3  # header + conv + raw
+    assert lines[0].startswith("| case | model | epochs") and len(lines) == 5  # header + conv, -short, -umap, raw
     assert any(ln.startswith("| raw | raw |") for ln in lines)
     assert (tmp_path / "c.png").stat().st_size > 10_000
     csv = run_fmc("report", "it-sweep", "--format", "csv", "--chart", tmp_path / "d.png",

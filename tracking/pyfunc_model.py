@@ -1,9 +1,10 @@
-"""MLflow model-from-code: "encoder + clusterer" for new Fashion-MNIST-like images.
+"""MLflow model-from-code: "encoder + (manifold) + clusterer" for new Fashion-MNIST-like images.
 
 Input: images as (n, 28, 28), (n, 28, 28, 1) or (n, 784) arrays (or a DataFrame of 784 columns),
 pixels in [0, 1] or in [0, 255] (anything above 1 is taken as 0..255). Output: a DataFrame with
 ``cluster`` (0..k-1) and, for a Gaussian mixture, ``prob_0`` .. ``prob_{k-1}``.
-Artifacts: ``clusterer`` (skops file) and, unless it clusters raw pixels, ``encoder`` (.keras).
+Artifacts: ``clusterer`` (skops file), ``encoder`` (.keras) unless it clusters raw pixels, and
+``manifold`` when the trial had one (PCA: skops; UMAP: joblib, whose ``transform`` embeds new codes).
 """
 
 import numpy as np
@@ -17,13 +18,21 @@ class EncoderClusterer(PythonModel):
         import skops.io
 
         self.clusterer = skops.io.load(context.artifacts["clusterer"])  # trusted types only
-        self.encoder = None
+        self.encoder = self.manifold = None
         if "encoder" in context.artifacts:
             import keras
 
             self.encoder = keras.saving.load_model(context.artifacts["encoder"], compile=False)
+        path = context.artifacts.get("manifold")
+        if path and path.endswith(".skops"):
+            self.manifold = skops.io.load(path)
+        elif path:
+            import joblib
 
-    def predict(self, context, model_input, params=None):
+            self.manifold = joblib.load(path)
+
+    # np.ndarray: MLflow validates nothing itself (28x28 and 784-pixel images both pass); checked below
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         x = np.asarray(model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input,
                        dtype=np.float32)
         if x.size % 784 or x.ndim < 2:
@@ -32,6 +41,8 @@ class EncoderClusterer(PythonModel):
         if x.max(initial=0) > 1:
             x = x / 255.0
         codes = x.reshape(len(x), -1) if self.encoder is None else self.encoder.predict(x, verbose=0)
+        if self.manifold is not None:
+            codes = self.manifold.transform(np.asarray(codes, dtype=np.float32))
         codes = np.asarray(codes, dtype=np.float64)
         out = pd.DataFrame({"cluster": self.clusterer.predict(codes).astype(int)})
         if hasattr(self.clusterer, "predict_proba"):
