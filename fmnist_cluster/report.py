@@ -1,6 +1,10 @@
-"""Study-style tables and a comparison chart from finished trial runs (plain dicts, no MLflow here).
+"""Study-style tables and charts from finished trial runs (plain dicts, no MLflow here).
 
-Runs that differ only in their seeds form one row: mean and standard deviation over the seeds.
+Runs that differ only in their seeds form one row: n, mean, standard deviation and range over the
+seeds. A row named like a study case (``case1``, ``raw-test``, ...) and scored on the study's split
+is set beside the study's figure: the difference in points and whether the study's figure lies within
+the range of fmc's seeds. Rows scored on all 70,000 images are set beside the published label-free
+results (Hungarian acc and NMI).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import csv
 import io
 import json
 import re
+from functools import lru_cache
 from importlib import resources
 from statistics import mean, stdev
 from typing import Any
@@ -16,24 +21,45 @@ from typing import Any
 CLUSTERERS = ("kmeans", "gmm")
 SCORES = ("acc", "acc_majority", "nmi")
 SEED_PARAMS = ("seed", "data.seed")
+EXTRA = ("recon_mse", "latent_dead_units", "manifold_seconds", "total_seconds")
+LABEL = {"kmeans": "KMeans", "gmm": "GMM"}
+
+
+@lru_cache(maxsize=1)
+def _reference() -> dict[str, Any]:
+    return json.loads(resources.files("fmnist_cluster").joinpath("study_reference.json").read_text())
 
 
 def study_reference() -> dict[str, dict[str, Any]]:
     """The reference study's figures (percent) by case name."""
-    return json.loads(resources.files("fmnist_cluster").joinpath("study_reference.json").read_text())["cases"]
+    return _reference()["cases"]
+
+
+def anchors() -> list[dict[str, Any]]:
+    """Published label-free results on all 70,000 images: {method, acc, nmi, source} (fractions)."""
+    return _reference()["anchors"]
 
 
 def _case_name(trial: str) -> str:
     return re.sub(r"(-data\.?seed\d+|-seed\d+)+$", "", trial)
 
 
+def _default_params() -> dict[str, str]:
+    """Params of settings added to fmc after some runs were recorded, at the value those runs had."""
+    from fmnist_cluster.config import TrialConfig
+
+    return {k: str(v) for k, v in TrialConfig().flat().items() if not k.startswith("model.")}
+
+
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration (seeds pooled): case, model, epochs, eval_split, n, and for each
-    ``{clusterer}_{score}`` the mean and std (fractions; std None for a single run)."""
+    """One row per configuration (seeds pooled): case, model, epochs, eval_split, manifold, n, and for
+    each score ``{metric}_mean``, ``_std`` (None for one run), ``_min`` and ``_max`` (fractions)."""
+    defaults = _default_params()
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        key = tuple(sorted((k, v) for k, v in run["params"].items() if k not in SEED_PARAMS))
-        groups.setdefault(key, []).append(run)
+        params = {**defaults, **run["params"]}
+        key = tuple(sorted((k, v) for k, v in params.items() if k not in SEED_PARAMS))
+        groups.setdefault(key, []).append({**run, "params": params})
     rows = []
     for members in groups.values():
         first = members[0]
@@ -41,62 +67,105 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"case": _case_name(first["tags"].get("fmc.trial", first["name"])),
                "model": first["tags"].get("fmc.model", params.get("model.kind")),
                "epochs": int(params.get("epochs", 0)), "eval_split": params.get("eval_split", "test"),
-               "n": len(members)}
-        for metric in [f"{c}_{s}" for c in CLUSTERERS for s in SCORES] + ["recon_mse"]:
+               "manifold": params.get("manifold.kind", "none"), "n": len(members)}
+        for metric in [f"{c}_{s}" for c in CLUSTERERS for s in SCORES] + list(EXTRA):
             values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
             row[f"{metric}_mean"] = mean(values) if values else None
             row[f"{metric}_std"] = stdev(values) if len(values) > 1 else None
+            row[f"{metric}_min"] = min(values) if values else None
+            row[f"{metric}_max"] = max(values) if values else None
         rows.append(row)
     # baselines first, then by architecture and epochs, as in the study
-    rows.sort(key=lambda r: (r["model"] != "raw", r["model"], r["epochs"], r["case"]))
+    rows.sort(key=lambda r: (r["model"] != "raw", r["model"], r["epochs"], r["manifold"], r["case"]))
     return rows
 
 
-def _cell(row: dict, metric: str) -> str:
-    m, s = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
-    if m is None:
+def study_figure(row: dict[str, Any], metric: str) -> float | None:
+    """The study's figure (percent) for ``metric`` of a row named like a study case and scored on the
+    study's split; None when the study has none or the row is not comparable."""
+    ref = study_reference().get(row["case"])
+    if ref is None or ref.get("eval_split", "test") != row["eval_split"] or row["manifold"] != "none":
+        return None
+    return ref.get(metric)
+
+
+def _pct(value: float | None, std: float | None = None) -> str:
+    if value is None:
         return "-"
-    return f"{100 * m:.2f}" + (f" ± {100 * s:.2f}" if s is not None else "")
+    return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
 
 
-def columns() -> list[tuple[str, str]]:
-    """(header, key) of the displayed table; scores in percent like the study."""
-    cols = [("case", "case"), ("model", "model"), ("epochs", "epochs"), ("split", "eval_split"), ("n", "n")]
+def _versus(row: dict[str, Any], metric: str) -> str:
+    """'57.25 (-5.2, out)': the study's figure, fmc's mean minus it in points, and whether it lies
+    within [min, max] of fmc's seeds."""
+    ref = study_figure(row, metric)
+    if ref is None or row.get(f"{metric}_mean") is None:
+        return "-"
+    diff = 100 * row[f"{metric}_mean"] - ref
+    inside = 100 * row[f"{metric}_min"] - 1e-9 <= ref <= 100 * row[f"{metric}_max"] + 1e-9
+    return f"{ref:.2f} ({diff:+.2f}, {'in' if inside else 'out'})"
+
+
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(header, key) of the displayed table; scores in percent like the study. Keys ``study:{metric}``
+    hold the study's figure beside fmc's; the manifold column appears when a row has one."""
+    cols = [("case", "case"), ("model", "model"), ("epochs", "epochs"), ("split", "eval_split")]
+    if any(r["manifold"] != "none" for r in rows):
+        cols.append(("manifold", "manifold"))
+    cols.append(("n", "n"))
+    compare = any(study_figure(r, f"{c}_{s}") is not None for r in rows for c in CLUSTERERS for s in SCORES)
     for c in CLUSTERERS:
-        for s in SCORES:
-            cols.append((f"{'KMeans' if c == 'kmeans' else 'GMM'} {s}", f"{c}_{s}"))
-    cols += [("study KMeans acc_majority", "study_kmeans"), ("study GMM acc_majority", "study_gmm")]
+        for s in ("acc_majority", "acc", "nmi"):
+            cols.append((f"{LABEL[c]} {s}", f"{c}_{s}"))
+            if compare and s != "acc":  # the study reports acc_majority and NMI
+                cols.append((f"study (Δ, in range)", f"study:{c}_{s}"))
+    cols += [("recon MSE", "recon_mse"), ("dead units", "latent_dead_units")]
     return cols
 
 
 def display_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Rows of strings for the columns above, with the study's figures beside fmc's."""
-    study = study_reference()
+    """Rows of strings for :func:`columns`."""
     out = []
     for row in rows:
-        ref = study.get(row["case"], {})
         cells = []
-        for _, key in columns():
-            if key.startswith("study_"):
-                v = ref.get(f"{key.removeprefix('study_')}_acc_majority")
-                cells.append("-" if v is None else f"{v:.2f}")
+        for _, key in columns(rows):
+            if key.startswith("study:"):
+                cells.append(_versus(row, key.removeprefix("study:")))
+            elif key == "recon_mse":
+                cells.append("-" if row["recon_mse_mean"] is None else f"{row['recon_mse_mean']:.5f}")
+            elif key == "latent_dead_units":
+                cells.append("-" if row[f"{key}_mean"] is None else f"{row[f'{key}_mean']:.1f}")
             elif f"{key}_mean" in row:
-                cells.append(_cell(row, key))
+                cells.append(_pct(row[f"{key}_mean"], row[f"{key}_std"]))
+            elif key == "epochs" and row["model"] == "raw":
+                cells.append("-")
             else:
-                cells.append(str(row[key]) if not (key == "epochs" and row["model"] == "raw") else "-")
+                cells.append(str(row[key]))
         out.append(cells)
     return out
 
 
+def anchor_rows() -> list[list[str]]:
+    return [[a["method"], _pct(a["acc"]), _pct(a["nmi"]), a["source"]] for a in anchors()]
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    header = [h for h, _ in columns()]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    cols = columns(rows)
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(rows)]
-    return "\n".join(lines) + "\n\nScores in percent, mean ± std over seeds (n runs).\n"
+    text = "\n".join(lines) + "\n\nScores in percent: mean ± std over seeds (n runs)."
+    if any(k.startswith("study:") for _, k in cols):
+        text += (" Study: the reference study's figure, (fmc's mean minus it in points, and whether it lies"
+                 " within the range of fmc's seeds).")
+    text += "\n"
+    if any(r["eval_split"] == "all" for r in rows):
+        text += ("\nPublished label-free results on all 70,000 images:\n\n| method | acc | nmi | source |\n"
+                 "| --- | --- | --- | --- |\n" + "\n".join("| " + " | ".join(c) + " |" for c in anchor_rows()) + "\n")
+    return text
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
-    """Machine-readable: fractions, separate mean and std columns."""
+    """Machine-readable: fractions, separate mean, std, min and max columns."""
     buf = io.StringIO()
     if rows:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -105,34 +174,45 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _label(row: dict[str, Any]) -> str:
+    text = row["case"] if row["model"] == "raw" else f"{row['case']}\n{row['model']} e{row['epochs']}"
+    return text + ("" if row["manifold"] == "none" else f"\n+{row['manifold']}")
+
+
 def comparison_chart(rows: list[dict[str, Any]]):
-    """Bars per case: fmc's acc_majority (mean ± std) and Hungarian acc for KMeans and GMM, with the
-    study's acc_majority as markers."""
+    """Bars per row: fmc's scores (mean, error bars: std over seeds) for KMeans and GMM. Rows comparable
+    with the study show acc_majority and acc, the study's acc_majority as markers; rows scored on all
+    70,000 images show acc and NMI, the published results as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    study = study_reference()
-    labels = [f"{r['case']}\n{r['model']}" + (f" e{r['epochs']}" if r["model"] != "raw" else "") for r in rows]
+    literature = all(r["eval_split"] == "all" for r in rows)
+    second = "nmi" if literature else "acc_majority"
     x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(7, 1.25 * len(rows) + 2), 5.2))
     width = 0.2
-    bars = [("kmeans_acc_majority", "KMeans acc_majority", "tab:blue"), ("kmeans_acc", "KMeans acc", "lightsteelblue"),
-            ("gmm_acc_majority", "GMM acc_majority", "tab:orange"), ("gmm_acc", "GMM acc", "navajowhite")]
+    bars = [("kmeans_acc", "KMeans acc", "tab:blue"), (f"kmeans_{second}", f"KMeans {second}", "lightsteelblue"),
+            ("gmm_acc", "GMM acc", "tab:orange"), (f"gmm_{second}", f"GMM {second}", "navajowhite")]
     for i, (metric, label, color) in enumerate(bars):
-        means = [100 * (r[f"{metric}_mean"] or np.nan) if r[f"{metric}_mean"] is not None else np.nan for r in rows]
+        means = [np.nan if r[f"{metric}_mean"] is None else 100 * r[f"{metric}_mean"] for r in rows]
         stds = [100 * (r[f"{metric}_std"] or 0) for r in rows]
         ax.bar(x + (i - 1.5) * width, means, width, yerr=stds, label=f"fmc {label}", color=color, capsize=2)
-    for i, (c, marker) in enumerate((("kmeans", "v"), ("gmm", "^"))):
-        ys = [study.get(r["case"], {}).get(f"{c}_acc_majority") for r in rows]
-        ax.scatter(x + (2 * i - 1.5) * width, [np.nan if y is None else y for y in ys], marker=marker, color="k",
-                   zorder=3, label=f"study {'KMeans' if c == 'kmeans' else 'GMM'} acc_majority")
-    ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylabel("score (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("fmc vs the reference study (error bars: std over seeds)")
-    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    if literature:
+        for a, style in zip(anchors(), ("-", "--", "-.", ":", (0, (5, 1)))):
+            ax.axhline(100 * a["acc"], color="grey", lw=1, ls=style, label=f"{a['method']}: acc {100 * a['acc']:.1f}")
+        title = "fmc on all 70,000 images vs published label-free results (error bars: std over seeds)"
+    else:
+        for i, c in enumerate(CLUSTERERS):
+            ys = [study_figure(r, f"{c}_acc_majority") for r in rows]
+            ax.scatter(x + (2 * i - 0.5) * width, [np.nan if y is None else y for y in ys], marker="v^"[i],
+                       color="k", zorder=3, label=f"study {LABEL[c]} acc_majority")
+        title = "fmc vs the reference study (error bars: std over seeds)"
+    ax.set_xticks(x, [_label(r) for r in rows], fontsize=7)
+    ax.set(ylabel="score (%)", ylim=(0, 100), title=title)
+    # the legend goes under the axes: inside it covered the bars
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     fig.tight_layout()
     return fig

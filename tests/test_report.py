@@ -1,0 +1,82 @@
+"""The report pools seeds into rows and sets them beside the study's figures (pure functions on run dicts)."""
+
+from statistics import mean, stdev
+
+import pytest
+
+from fmnist_cluster import report
+from fmnist_cluster.config import TrialConfig
+
+
+def run(name: str, config: TrialConfig, **metrics) -> dict:
+    return {"name": name, "run_id": name, "params": {k: str(v) for k, v in config.flat().items()},
+            "metrics": metrics, "tags": {"fmc.trial": name, "fmc.model": config.model.label()}}
+
+
+CASE1 = [0.55, 0.58, 0.60]  # kmeans_acc_majority of three seeds; the study has 57.25
+
+
+@pytest.fixture
+def rows():
+    runs = [run(f"case1-seed{s}", TrialConfig(seed=s, data={"seed": s}), kmeans_acc_majority=v, kmeans_acc=v - 0.05,
+                kmeans_nmi=0.50 + s / 100, gmm_acc_majority=0.62, gmm_acc=0.58, gmm_nmi=0.60, recon_mse=0.005,
+                latent_dead_units=40 + s)
+            for s, v in enumerate(CASE1)]
+    runs.append(run("case5", TrialConfig(model={"kind": "conv", "filters": [64, 32, 16, 7, 1]}),
+                    kmeans_acc_majority=0.40, kmeans_acc=0.35, kmeans_nmi=0.30))
+    # named like a study case but scored on another split: not comparable with the study
+    runs.append(run("case1-seed0", TrialConfig(eval_split="all"), kmeans_acc_majority=0.5, kmeans_acc=0.45,
+                    kmeans_nmi=0.5))
+    return report.aggregate(runs)
+
+
+def test_seeds_pool_into_one_row_with_mean_std_and_range(rows):
+    case1 = next(r for r in rows if r["case"] == "case1" and r["eval_split"] == "test")
+    assert case1["n"] == 3 and case1["epochs"] == 10 and case1["manifold"] == "none"
+    assert case1["kmeans_acc_majority_mean"] == pytest.approx(mean(CASE1))
+    assert case1["kmeans_acc_majority_std"] == pytest.approx(stdev(CASE1))
+    assert (case1["kmeans_acc_majority_min"], case1["kmeans_acc_majority_max"]) == (0.55, 0.60)
+    assert case1["latent_dead_units_mean"] == 41
+    case5 = next(r for r in rows if r["case"] == "case5")
+    assert case5["n"] == 1 and case5["kmeans_acc_majority_std"] is None and case5["gmm_acc_mean"] is None
+
+
+def test_study_columns_give_difference_and_range(rows):
+    case1 = next(r for r in rows if r["case"] == "case1" and r["eval_split"] == "test")
+    # 57.25 lies in [55, 60]; fmc's mean 57.67 is 0.42 points above
+    assert report._versus(case1, "kmeans_acc_majority") == "57.25 (+0.42, in)"
+    # GMM 62.00 on every seed: the study's 61.03 is below the range
+    assert report._versus(case1, "gmm_acc_majority") == "61.03 (+0.97, out)"
+    assert report._versus(case1, "kmeans_nmi") == "56.26 (-5.26, out)"
+    other_split = next(r for r in rows if r["eval_split"] == "all")
+    assert report.study_figure(other_split, "kmeans_acc_majority") is None
+    headers = [h for h, _ in report.columns(rows)]
+    assert headers.count("study (Δ, in range)") == 4  # acc_majority and NMI of both clusterers
+
+
+def test_markdown_lists_every_row_and_the_anchors(rows):
+    text = report.to_markdown(rows)
+    table = [ln for ln in text.splitlines() if ln.startswith("| case") or ln.startswith("| case1")
+             or ln.startswith("| case5")]
+    assert len(table) == 4  # header + case1 (test) + case1 (all) + case5
+    assert "| case1 | 64-32-16-7 | 10 | test | 3 | 57.67 ± 2.52 | 57.25 (+0.42, in) |" in text
+    assert "N2D (AE + UMAP + GMM) | 67.20 | 68.40" in text  # a row scored on all 70k brings the anchors
+
+
+def test_rows_without_a_new_setting_group_with_rows_that_have_it_at_its_default():
+    """Runs recorded before a setting existed (no manifold.* params) pool with runs that log it at its
+    default value."""
+    old = run("dense-seed0", TrialConfig(), kmeans_acc=0.5)
+    del old["params"]["manifold.kind"]
+    new = run("dense-seed1", TrialConfig(seed=1, data={"seed": 1}), kmeans_acc=0.6)
+    (row,) = report.aggregate([old, new])
+    assert row["n"] == 2 and row["kmeans_acc_mean"] == pytest.approx(0.55)
+
+
+def test_charts_draw_both_views(rows):
+    study = report.comparison_chart([r for r in rows if r["eval_split"] == "test"])
+    literature = report.comparison_chart([r for r in rows if r["eval_split"] == "all"])
+    assert "reference study" in study.axes[0].get_title()
+    assert "published" in literature.axes[0].get_title()
+    legend = [t.get_text() for t in literature.axes[0].get_legend().get_texts()]
+    assert sum(a["method"] in text for a in report.anchors() for text in legend) == len(report.anchors())
