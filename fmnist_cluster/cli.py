@@ -280,11 +280,16 @@ def sweep(
         out.print(f"{finished} of {len(trials)} trials already finished in {tracker.uri}; running the other {len(todo)}")
     from fmnist_cluster.sweep import TrialOutcome, run_sweep, trial_rows
 
+    from tracking import TrackingError
+
     start = time.perf_counter()
-    outcome = run_sweep(spec_, todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,
-                        max_concurrent=max_concurrent, data_dir=str(data_dir) if data_dir else None,
-                        storage_path=storage_path, log_models=models, share_training=share_training,
-                        num_gpus=num_gpus, verbose=2 if verbose else 1)
+    try:
+        outcome = run_sweep(spec_, todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,
+                            max_concurrent=max_concurrent, data_dir=str(data_dir) if data_dir else None,
+                            storage_path=storage_path, log_models=models, share_training=share_training,
+                            num_gpus=num_gpus, verbose=2 if verbose else 1)
+    except TrackingError as e:
+        raise fail(f"{e}", 1) from None
     outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="finished earlier")
                        for t in trials if t.config.key() in done]
     outcome.trials += [TrialOutcome(t.name, "SKIPPED", error=f"running in another sweep: {claimed[t.config.key()]}")

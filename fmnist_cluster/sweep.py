@@ -116,7 +116,7 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool) -> None:
                                              "metrics": {k: v for k, v in result.metrics.items()}}
         tune.report({"scored": len(outcomes), "trials": outcomes})
 
-    with Heartbeat(list(loggers.values())):
+    with Heartbeat(list(loggers.values()), every=min(30.0, ctx.claim_ttl / 3)):
         try:
             run_group(todo, data=datasets[(todo[0].data.subset, todo[0].data.seed)], threads=threads,
                       on_epoch=on_epoch, on_eval=on_eval, on_result=on_result)
@@ -176,7 +176,7 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
             # (a local Ray's workers inherit them anyway).
             env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
             ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
-                     configure_logging=True, logging_level="WARNING", num_gpus=num_gpus if not address else None,
+                     configure_logging=True, logging_level="WARNING" if verbose > 1 else "ERROR", num_gpus=num_gpus if not address else None,
                      runtime_env={"env_vars": env_vars} if env_vars else None)
         resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
         trainable = tune.with_resources(

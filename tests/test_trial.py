@@ -63,3 +63,17 @@ def test_diverged_codes_are_reported(small):
     codes[3, 1] = np.nan
     with pytest.raises(FloatingPointError, match="NaN"):
         fit_predict("kmeans", tiny(), codes)
+
+
+def test_run_is_quiet_off_a_terminal(run_fmc):
+    """Off a terminal `fmc run` writes one line per epoch and none of the backend's C++ log lines;
+    --verbose lets those through."""
+    args = ["run", "--kind", "dense", "--units", "32,8", "--epochs", "3", "--subset", "200", "--no-track"]
+    res = run_fmc(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = res.stdout + res.stderr
+    assert not [line for line in said.splitlines() if "oneDNN" in line or "cuInit" in line or "I0000" in line]
+    assert sum("loss:" in line for line in said.splitlines()) == 3  # one line per epoch, no progress bar
+    assert "━" not in res.stderr and "\r" not in said
+    loud = run_fmc(*args, "--verbose")
+    assert loud.returncode == 0 and ("oneDNN" in loud.stderr or "cuInit" in loud.stderr), loud.stderr[-2000:]

@@ -79,6 +79,7 @@ def _quiet_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # fmc prints the run itself
     os.environ.pop("MLFLOW_RUN_ID", None)  # would silently override our parent/child runs
 
 
@@ -156,17 +157,20 @@ class Delivery:
     """Calls to the tracking store, in order, that survive an outage.
 
     ``send(call)`` runs what is queued, then ``call``; when the store is unreachable the calls stay
-    queued (training goes on) and are retried at the next ``send``, at most every ``retry_every``
-    seconds. ``send(call, wait=True)`` and ``drain()`` block until everything is delivered, and raise
-    :class:`TrackingOutage` once the store has been unreachable for ``outage_seconds``.
+    queued (training goes on) and are retried at a later ``send``, once a quick probe of the server
+    (``/health``, at most every ``retry_every`` seconds) answers: a trial does not pay MLflow's own
+    retries at every epoch of an outage. ``send(call, wait=True)`` and ``drain()`` block until
+    everything is delivered, and raise :class:`TrackingOutage` once the store has been unreachable
+    for ``outage_seconds``.
     """
 
-    def __init__(self, uri: str, outage_seconds: float, retry_every: float = 10.0):
+    def __init__(self, uri: str, outage_seconds: float, retry_every: float = 5.0):
         self.uri, self.outage_seconds, self.retry_every = uri, outage_seconds, retry_every
         self.queue: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
         self.down_since: float | None = None
-        self.last_try = 0.0
+        self.last_probe = 0.0
         self.delivered_late = 0  # calls that went through only after an outage
+        self.outage_seconds_total = 0.0
 
     def send(self, what: str, call: Callable[[], Any], *, wait: bool = False) -> Any:
         self.queue.append((what, call))
@@ -178,38 +182,63 @@ class Delivery:
     def _run(self, wait: bool) -> Any:
         value = None
         while self.queue:
-            now = time.monotonic()
-            if self.down_since is not None and not wait and now - self.last_try < self.retry_every:
-                return None  # known down: keep buffering without paying MLflow's retries every call
             what, call = self.queue[0]
-            self.last_try = now
+            if self.down_since is not None and not self._may_try():
+                if time.monotonic() - self.down_since > self.outage_seconds:
+                    raise self._outage(what)
+                if not wait:
+                    return None  # keep buffering; training goes on
+                time.sleep(1.0)
+                continue
             try:
                 value = call()
             except Exception as err:  # noqa: BLE001 - sorted by is_transient below
                 if not is_transient(err):
                     raise
                 if self.down_since is None:
-                    self.down_since = now
+                    self.down_since = self.last_probe = time.monotonic()
                     print(f"fmc: tracking store {self.uri} unreachable ({str(err).splitlines()[0][:200]}); "
                           f"buffering, will retry for {self.outage_seconds:.0f} s", file=sys.stderr, flush=True)
-                if now - self.down_since > self.outage_seconds:
-                    raise TrackingOutage(
-                        f"MLflow tracking store {self.uri} unreachable for more than {self.outage_seconds:.0f} s "
-                        f"(FMC_TRACKING_OUTAGE_SECONDS) while logging {what}; the trial stopped. Run the same "
-                        "`fmc sweep` again when the server is back: finished trials are kept.") from None
+                if time.monotonic() - self.down_since > self.outage_seconds:
+                    raise self._outage(what) from None
                 if not wait:
                     return None
-                time.sleep(min(5.0, self.retry_every))
                 continue
             self.queue.popleft()
             if self.down_since is not None:
                 self.delivered_late += 1
                 if not self.queue:
-                    print(f"fmc: tracking store {self.uri} reachable again after "
-                          f"{time.monotonic() - self.down_since:.0f} s; buffered calls delivered",
-                          file=sys.stderr, flush=True)
+                    lasted = time.monotonic() - self.down_since
+                    print(f"fmc: tracking store {self.uri} reachable again after {lasted:.0f} s; "
+                          "buffered calls delivered", file=sys.stderr, flush=True)
+                    self.outage_seconds_total += lasted
                     self.down_since = None
         return value
+
+    def _may_try(self) -> bool:
+        """During an outage: probe the server at most every ``retry_every`` seconds; the calls are tried
+        again (with MLflow's own retries) only once it answers."""
+        now = time.monotonic()
+        if now - self.last_probe < self.retry_every:
+            return False
+        self.last_probe = now
+        return self._answers()
+
+    def _answers(self) -> bool:
+        """Whether the server answers its health check now (a local store always does)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _outage(self, what: str) -> TrackingOutage:
+        return TrackingOutage(
+            f"MLflow tracking store {self.uri} unreachable for more than {self.outage_seconds:.0f} s "
+            f"(FMC_TRACKING_OUTAGE_SECONDS) while logging {what}; fmc stopped waiting. Run the same "
+            "`fmc sweep` again when the server is back: finished trials are kept.")
 
 
 class Tracker:
@@ -524,6 +553,10 @@ class TrialLogger:
         rid = self.run_id
         if error is None:
             self.delivery.drain()
+            if self.delivery.delivered_late:  # what an outage cost this trial, on its own record
+                late = {"tracking_outage_seconds": self.delivery.outage_seconds_total,
+                        "tracking_late_calls": self.delivery.delivered_late}
+                self.delivery.send("outage figures", lambda: _log_metrics(self.client, rid, late), wait=True)
             self.delivery.send("the end of the run", lambda: self.client.set_terminated(rid, "FINISHED"), wait=True)
             return
         interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
