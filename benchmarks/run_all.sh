@@ -10,3 +10,4 @@ run codes benchmarks/codes.py --epochs 2
 run clusterers benchmarks/clusterers.py --epochs 2
 run trial benchmarks/trial.py --epochs 1 --gmm-impl fast
 run ray_overhead benchmarks/ray_overhead.py
+run shared_training benchmarks/shared_training.py --subset 1000
