@@ -45,9 +45,9 @@ def main() -> None:
         (ae,) = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list",
                                             filter_string=f"source_run_id = '{run.info.run_id}' and name = 'autoencoder'")
         autoencoder = mlflow.keras.load_model(ae.model_uri)
-        latent = "latent" if run.data.params["model.kind"] == "conv" else \
-            [layer.name for layer in autoencoder.layers if layer.name.startswith("enc_dense")][-1]
-        encoder = keras.Model(autoencoder.inputs, autoencoder.get_layer(latent).output)
+        # the code is the last encoder layer's output, flattened (as fmnist_cluster.models builds it)
+        last = [layer.name for layer in autoencoder.layers if layer.name.startswith(("enc_conv", "enc_dense"))][-1]
+        encoder = keras.Model(autoencoder.inputs, keras.layers.Flatten()(autoencoder.get_layer(last).output))
         data = load_dataset(seed=int(run.data.params["data.seed"]))
         codes = np.asarray(encoder.predict(data.x_test, batch_size=1024, verbose=0), dtype=np.float64)
         live = codes.std(axis=0) > 0
