@@ -16,7 +16,7 @@ LONG = """\
 experiment: {experiment}
 data: {{subset: 1000, seed: 0}}
 defaults:
-  model: {{kind: conv, filters: [8, 4, 4]}}
+  model: {model}
   epochs: {epochs}
   kmeans: {{n_init: 1}}
   clusterers: [kmeans]
@@ -27,9 +27,14 @@ max_concurrent: 2
 """
 
 
-def write(path, experiment: str, names: list[str], epochs: int = 3, seeds: list[int] | None = None):
+CONV = "{kind: conv, filters: [8, 4, 4]}"  # slow enough per epoch to train through an outage
+DENSE = "{kind: dense, units: [32, 8]}"  # for tests about who runs a trial, not how long it takes
+
+
+def write(path, experiment: str, names: list[str], epochs: int = 3, seeds: list[int] | None = None,
+          model: str = CONV):
     trials = "\n".join(f"  - {{name: {n}, seed: {s}}}" for n, s in zip(names, seeds or range(len(names))))
-    path.write_text(LONG.format(experiment=experiment, epochs=epochs, trials=trials))
+    path.write_text(LONG.format(experiment=experiment, epochs=epochs, trials=trials, model=model))
     return path
 
 
@@ -69,7 +74,7 @@ def server(tmp_path):
 
 
 def test_server_restart_mid_sweep_loses_nothing(server, tmp_path):
-    """The server is killed for 20 s while two trials train: they keep training, buffer what they
+    """The server is killed for 12 s while two trials train: they keep training, buffer what they
     cannot log and deliver it when the server is back; every trial FINISHED, no epoch lost."""
     spec = write(tmp_path / "outage.yaml", "outage", ["a", "b"], epochs=30)
     client = MlflowClient(server["url"])
@@ -80,7 +85,7 @@ def test_server_restart_mid_sweep_loses_nothing(server, tmp_path):
         wait_for_loss(client, "outage", proc)
         stop(server["proc"])
         down = time.time() * 1000
-        time.sleep(20)
+        time.sleep(12)
         up = time.time() * 1000
         server["proc"] = start_mlflow_server(server["root"], server["port"])  # same port, same store
         assert proc.wait(timeout=600) == 0, (tmp_path / "sweep.log").read_text()[-4000:]
@@ -107,7 +112,7 @@ def test_outage_longer_than_the_bound_fails_resumably(server, tmp_path):
     """Past FMC_TRACKING_OUTAGE_SECONDS the trial stops with an error that says so; once the server is
     back (and the dead trial's claim has expired) the same command finishes it, once."""
     spec = write(tmp_path / "bound.yaml", "bound", ["a"], epochs=40)
-    env = sweep_env(server["url"], FMC_TRACKING_OUTAGE_SECONDS="6", FMC_CLAIM_TTL_SECONDS="15")
+    env = sweep_env(server["url"], FMC_TRACKING_OUTAGE_SECONDS="6", FMC_CLAIM_TTL_SECONDS="8")
     client = MlflowClient(server["url"])
     proc = subprocess.Popen(FMC + ["sweep", str(spec), "--no-models"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -122,7 +127,7 @@ def test_outage_longer_than_the_bound_fails_resumably(server, tmp_path):
     last = output.strip().splitlines()[-1]  # fmc's own last word, after whatever Ray printed
     assert last.startswith("error:") and "unreachable for more than 6 s" in last, output[-4000:]
     server["proc"] = start_mlflow_server(server["root"], server["port"])
-    time.sleep(16)  # the stopped trial's run is still RUNNING: its claim expires after the TTL
+    time.sleep(9)  # the stopped trial's run is still RUNNING: its claim expires after the TTL
     again = subprocess.run(FMC + ["sweep", str(spec), "--no-models"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -137,8 +142,8 @@ def test_two_sweeps_at_once_run_each_trial_once(mlflow_server, tmp_path):
     """The same sweep started twice, and a second file sharing one trial with it, all at once against
     one store: every trial ends FINISHED exactly once, the skipped ones say why, and a final run of
     the command has nothing left to do."""
-    a = write(tmp_path / "a.yaml", "twice", ["t1", "t2", "t3", "t4"], seeds=[1, 2, 3, 4])
-    b = write(tmp_path / "b.yaml", "twice", ["shared", "own"], seeds=[2, 5])  # 'shared' is t2's config
+    a = write(tmp_path / "a.yaml", "twice", ["t1", "t2", "t3", "t4"], epochs=1, seeds=[1, 2, 3, 4], model=DENSE)
+    b = write(tmp_path / "b.yaml", "twice", ["shared", "own"], epochs=1, seeds=[2, 5], model=DENSE)  # shared = t2
     env = sweep_env(mlflow_server)
     procs = []
     for i, spec in enumerate((a, a, b)):
@@ -165,7 +170,7 @@ def test_a_dead_sweeps_claim_expires_and_a_live_one_holds(mlflow_server, tmp_pat
     the sweep closes it as KILLED and runs the trial. One with a fresh heartbeat is left to its sweep."""
     from fmnist_cluster.config import load_sweep
 
-    spec = write(tmp_path / "claims.yaml", "claims", ["dead", "live"], epochs=1)
+    spec = write(tmp_path / "claims.yaml", "claims", ["dead", "live"], epochs=1, model=DENSE)
     trials = {t.name: t.config for t in load_sweep(spec).expand()}
     client = MlflowClient(mlflow_server)
     exp = client.create_experiment("claims")

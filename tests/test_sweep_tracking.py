@@ -229,7 +229,9 @@ def test_report_prints_table_and_chart(tracked_sweep, mlflow_server, run_fmc, tm
     assert (tmp_path / "c.png").stat().st_size > 10_000
     csv = run_fmc("report", "it-sweep", "--format", "csv", "--chart", tmp_path / "d.png",
                   env={"MLFLOW_TRACKING_URI": mlflow_server})
-    assert csv.stdout.splitlines()[0].startswith("case,model,epochs,eval_split,n,kmeans_acc_mean")
+    # a manifold column, as one trial of the sweep has a UMAP stage; then mean, std, min and max per score
+    assert csv.stdout.splitlines()[0].startswith(
+        "case,model,epochs,eval_split,manifold,n,kmeans_acc_mean,kmeans_acc_std,kmeans_acc_min,kmeans_acc_max")
 
 
 def test_unreachable_server_exit_2_starts_nothing(run_fmc, tmp_path):
