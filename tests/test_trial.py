@@ -13,6 +13,16 @@ def small():
     return load_dataset(seed=0, subset=300)
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """run_trial hands its figures to the caller (the tracking adapter closes them after logging);
+    here the test is the caller."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def tiny(**kw):
     return TrialConfig(**{"epochs": 1, "data": {"subset": 300}, "kmeans": {"n_init": 2},
                           "gmm": {"n_init": 1, "covariance_type": "diag"}, **kw})
