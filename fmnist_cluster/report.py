@@ -175,8 +175,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _label(row: dict[str, Any]) -> str:
-    text = row["case"] if row["model"] == "raw" else f"{row['case']}\n{row['model']} e{row['epochs']}"
-    return text + ("" if row["manifold"] == "none" else f"\n+{row['manifold']}")
+    """A tick label: case, model and epochs, manifold, each line wrapped at hyphens so that neighbours
+    do not run into each other."""
+    import textwrap
+
+    lines = [row["case"]] if row["model"] == "raw" else [row["case"], f"{row['model']} e{row['epochs']}"]
+    lines += [] if row["manifold"] == "none" else [f"+{row['manifold']}"]
+    return "\n".join(textwrap.fill(line, width=18) for line in lines)
 
 
 def comparison_chart(rows: list[dict[str, Any]]):
@@ -210,9 +215,11 @@ def comparison_chart(rows: list[dict[str, Any]]):
             ax.scatter(x + (2 * i - 0.5) * width, [np.nan if y is None else y for y in ys], marker="v^"[i],
                        color="k", zorder=3, label=f"study {LABEL[c]} acc_majority")
         title = "fmc vs the reference study (error bars: std over seeds)"
-    ax.set_xticks(x, [_label(r) for r in rows], fontsize=7)
+    labels = [_label(r) for r in rows]
+    ax.set_xticks(x, labels, fontsize=7)
     ax.set(ylabel="score (%)", ylim=(0, 100), title=title)
-    # the legend goes under the axes: inside it covered the bars
-    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    # the legend goes under the axes (inside it covered the bars), below the tallest tick label
+    depth = max(label.count("\n") for label in labels) + 1
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.045 * depth), frameon=False)
     fig.tight_layout()
     return fig
