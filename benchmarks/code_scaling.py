@@ -24,13 +24,15 @@ def main() -> None:
 
     import mlflow
     from mlflow import MlflowClient
-    from sklearn.cluster import KMeans
 
+    from fmnist_cluster.clustering import make_clusterer
+    from fmnist_cluster.config import TrialConfig
     from fmnist_cluster.data import load_dataset
     from fmnist_cluster.metrics import score_all
-    from fmnist_cluster.quiet import quiet_import
+    from fmnist_cluster.models import encoder_of
 
-    keras = quiet_import("keras")
+    study = TrialConfig()  # the study's KMeans: k-means++, n_init 10, max_iter 300, seed 0
+    datasets = {}  # one load per data.seed, shared by that seed's trials
     mlflow.set_tracking_uri(args.tracking_uri)
     client = MlflowClient(args.tracking_uri)
     exp = client.get_experiment_by_name(args.experiment)
@@ -44,11 +46,11 @@ def main() -> None:
     for run in runs:
         (ae,) = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list",
                                             filter_string=f"source_run_id = '{run.info.run_id}' and name = 'autoencoder'")
-        autoencoder = mlflow.keras.load_model(ae.model_uri)
-        # the code is the last encoder layer's output, flattened (as fmnist_cluster.models builds it)
-        last = [layer.name for layer in autoencoder.layers if layer.name.startswith(("enc_conv", "enc_dense"))][-1]
-        encoder = keras.Model(autoencoder.inputs, keras.layers.Flatten()(autoencoder.get_layer(last).output))
-        data = load_dataset(seed=int(run.data.params["data.seed"]))
+        encoder = encoder_of(mlflow.keras.load_model(ae.model_uri))
+        seed = int(run.data.params["data.seed"])
+        if seed not in datasets:
+            datasets[seed] = load_dataset(seed=seed)
+        data = datasets[seed]
         codes = np.asarray(encoder.predict(data.x_test, batch_size=1024, verbose=0), dtype=np.float64)
         live = codes.std(axis=0) > 0
         variants = {
@@ -60,7 +62,7 @@ def main() -> None:
         m = run.data.metrics
         cells.append(f"{100 * m['kmeans_acc_majority']:.2f} / {100 * m['kmeans_acc']:.2f} / {100 * m['kmeans_nmi']:.2f}")
         for x in variants.values():
-            labels = KMeans(10, init="k-means++", n_init=10, max_iter=300, random_state=0).fit_predict(x)
+            labels = make_clusterer("kmeans", study).fit_predict(x)
             s = score_all(data.y_test, labels)
             cells.append(f"{100 * s['acc_majority']:.2f} / {100 * s['acc']:.2f} / {100 * s['nmi']:.2f}")
         print(f"{run.info.run_name:<16} {int((~live).sum()):>5}  " + " ".join(f"{c:>22}" for c in cells), flush=True)

@@ -95,6 +95,16 @@ def build_autoencoder(model: ModelConfig, *, learning_rate: float = 1e-3):
     return autoencoder, encoder
 
 
+def encoder_of(autoencoder):
+    """The encoder inside an autoencoder built by :func:`build_autoencoder` (e.g. one loaded back from
+    MLflow): the last ``enc_*`` layer's output, flattened as the encoder built alongside returns it."""
+    from fmnist_cluster.quiet import quiet_import
+
+    keras = quiet_import("keras")
+    last = [layer for layer in autoencoder.layers if layer.name.startswith(("enc_conv", "enc_dense"))][-1]
+    return keras.Model(autoencoder.inputs, keras.layers.Flatten(name="latent")(last.output))
+
+
 def latent_dim(encoder) -> int:
     """Size of the flattened latent code."""
     return int(encoder.output.shape[-1])

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import re
+import textwrap
 from functools import lru_cache
 from importlib import resources
 from statistics import mean, stdev
@@ -177,8 +178,6 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def _label(row: dict[str, Any]) -> str:
     """A tick label: case, model and epochs, manifold, each line wrapped at hyphens so that neighbours
     do not run into each other."""
-    import textwrap
-
     lines = [row["case"]] if row["model"] == "raw" else [row["case"], f"{row['model']} e{row['epochs']}"]
     lines += [] if row["manifold"] == "none" else [f"+{row['manifold']}"]
     return "\n".join(textwrap.fill(line, width=18) for line in lines)

@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 
 from fmnist_cluster.config import ModelConfig
-from fmnist_cluster.models import build_autoencoder, latent_dim
+from fmnist_cluster.models import build_autoencoder, encoder_of, latent_dim
 
 # study.md: encoder conv parameter counts and latent sizes
 CASES = [
@@ -21,3 +22,13 @@ def test_study_architectures(model, latent, params):
     last = [layer for layer in autoencoder.layers if hasattr(layer, "activation")][-1]
     assert last.activation.__name__ == "sigmoid"
     assert autoencoder.loss == "mse"
+
+
+@pytest.mark.parametrize("model", [CASES[1][0], CASES[3][0]], ids=["conv", "dense"])
+def test_encoder_of_an_autoencoder_gives_the_encoders_codes(model):
+    """The encoder recovered from an autoencoder (as one loaded back from MLflow) is the one built with it."""
+    autoencoder, encoder = build_autoencoder(model)
+    images = np.random.default_rng(0).random((5, 28, 28, 1), dtype=np.float32)
+    recovered = encoder_of(autoencoder)
+    assert latent_dim(recovered) == latent_dim(encoder)
+    np.testing.assert_allclose(recovered.predict(images, verbose=0), encoder.predict(images, verbose=0), rtol=1e-6)
