@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import FMC, ROOT, free_port, stop, wait_http
+from tracking.mlflow_adapter import cpu_model
 
 SWEEP = """\
 experiment: {experiment}
@@ -80,6 +81,7 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
     for r in (conv, raw, broken):
         assert r.data.tags["mlflow.parentRunId"] == parent_id
         assert r.data.tags["fmc.sweep"] == "it-sweep" and len(r.data.tags["fmc.trial_key"]) == 16
+        assert r.data.tags["fmc.cpu"] == cpu_model()  # the CPU kind changes the training: on every record
         assert r.data.tags["fmc.host"] and r.data.tags["fmc.keras_backend"] == ("none" if r is raw else "tensorflow")
     assert conv.info.status == "FINISHED" and raw.info.status == "FINISHED"
     assert broken.info.status == "FAILED" and "diverged" in broken.data.tags["fmc.error"]

@@ -124,6 +124,18 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                             "--tracking-uri / MLFLOW_TRACKING_URI") from None
 
 
+def cpu_model() -> str:
+    """The CPU a trial runs on ('AMD EPYC', 'Intel(R) Xeon(R) Platinum 8370C CPU @ 2.80GHz'): the same
+    code and seed train differently on different CPU kinds, so every run records its own."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def git_commit() -> str | None:
     """The commit of fmc's checkout, when it is one."""
     try:
@@ -317,7 +329,7 @@ class Tracker:
     def start_parent(self, experiment_id: str, sweep_name: str, *, source: str, params: dict[str, Any]) -> RunContext:
         """Open the parent run of one sweep invocation and return the context its trials log under."""
         commit = git_commit()
-        tags = {"fmc.role": "sweep", "fmc.sweep": sweep_name, "fmc.host": socket.gethostname(),
+        tags = {"fmc.role": "sweep", "fmc.sweep": sweep_name, "fmc.host": socket.gethostname(), "fmc.cpu": cpu_model(),
                 **({"mlflow.source.git.commit": commit} if commit else {})}
         run = self._c.create_run(experiment_id, run_name=f"{sweep_name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                  tags=tags)
@@ -416,7 +428,7 @@ class TrialLogger:
         returns why not (and leaves no run behind) when one does, else None."""
         tags = {"fmc.role": "trial", "fmc.trial": self.name, "fmc.sweep": self.ctx.sweep,
                 TRIAL_KEY: self.config.key(), "fmc.keras_backend": _backend(self.config),
-                "fmc.host": socket.gethostname(), "fmc.python": platform.python_version(),
+                "fmc.host": socket.gethostname(), "fmc.python": platform.python_version(), "fmc.cpu": cpu_model(),
                 "fmc.model": self.config.model.label(), HEARTBEAT: str(int(time.time())), **self.extra_tags}
         if claim:
             tags[CLAIM] = "pending"
