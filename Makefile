@@ -32,7 +32,7 @@ test-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(TEST_DEBS); fi
 
 test-fast: setup test-deps
-	$(PY) -m uv run pytest -m "not slow" --deselect tests/test_sweep_tracking.py
+	$(PY) -m uv run pytest -m "not slow"
 
 data: setup
 	$(PY) -m uv run fmc data

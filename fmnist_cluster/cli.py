@@ -153,6 +153,7 @@ def run(
 def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, data_dir, threads) -> None:
     from fmnist_cluster.data import DataError, load_dataset
     from fmnist_cluster.trial import run_trial
+    from tracking import TrackingError
 
     try:
         data = load_dataset(data_dir, seed=config.data.seed, subset=config.data.subset)
@@ -177,20 +178,22 @@ def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, d
             result = run_trial(config, data=data, threads=threads, verbose=progress)
     except (FloatingPointError, ValueError) as e:
         raise fail(f"trial {name} failed: {e}", 1) from None
+    except TrackingError as e:
+        raise fail(f"trial {name}: {e}", 1) from None
     print_results(name, result)
     if logger:
         out.print(f"logged to {logger.ctx.uri}, experiment {experiment!r}, run {logger.run_id}")
 
 
 def print_results(name: str, result) -> None:
+    from fmnist_cluster.metrics import SCORES
     table = Table(title=f"{name}: {result.config.model.label()}, {result.config.epochs} epochs, "
                         f"scored on {result.config.eval_split} ({result.info['n_eval']} images)")
     table.add_column("clusterer")
-    for s in ("acc", "acc_majority", "nmi", "ari", "seconds"):
+    for s in (*SCORES, "seconds"):
         table.add_column(s, justify="right")
     for c in result.config.clusterers:
-        table.add_row(c, *(f"{result.metrics[f'{c}_{s}']:.4f}" for s in ("acc", "acc_majority", "nmi", "ari")),
-                      f"{result.timings[f'{c}_seconds']:.1f}")
+        table.add_row(c, *(f"{result.metrics[f'{c}_{s}']:.4f}" for s in SCORES), f"{result.timings[f'{c}_seconds']:.1f}")
     out.print(table)
     extras = {k: v for k, v in result.timings.items() if k not in ("kmeans_seconds", "gmm_seconds")}
     if "recon_mse" in result.metrics:
@@ -207,9 +210,12 @@ def sweep(
     gpu: Annotated[Optional[float], typer.Option(help="GPUs per trial, fractions allowed (overrides).")] = None,
     address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS",
                                                    help="Ray cluster to join; default a local Ray.")] = None,
-    rerun: Annotated[bool, typer.Option(help="Run trials again even if they already finished.")] = False,
+    rerun: Annotated[bool, typer.Option(
+        help="Run the selected trials again, each in a new run, even if they finished (old runs stay).")] = False,
     only: Annotated[Optional[str], typer.Option(
         "--trials", help="Only the trials whose names match these comma-separated patterns, e.g. 'case1-*,raw-*'.")] = None,
+    skip_recorded: Annotated[Optional[Path], typer.Option(
+        help="Also skip trials whose key has a record in this file (fmc export): resume on an empty store.")] = None,
     models: Annotated[bool, typer.Option(help="Log the models (autoencoder, pyfunc clusterers).")] = True,
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
@@ -262,40 +268,48 @@ def sweep(
         find_data_dir(data_dir)
     except DataError as e:
         raise fail(str(e)) from None
-    tracker = _tracker(tracking_uri)
-    exp_id = tracker.experiment(spec_.experiment)
-    done = {} if rerun else tracker.finished_keys(exp_id)
-    claimed = tracker.claimed_keys(exp_id)  # trials a live sweep is running now
-    todo = [t for t in trials if t.config.key() not in done and t.config.key() not in claimed]
-    busy = [t for t in trials if t.config.key() in claimed and t.config.key() not in done]
-    for t in busy:
-        out.print(f"skipping {t.name}: another sweep is running it ({claimed[t.config.key()]})")
-    if not todo:
-        out.print(f"all {len(trials)} trials of {spec_.experiment!r} already finished"
-                  f"{' or running elsewhere' if busy else ''} in {tracker.uri}; nothing to do"
-                  f"{'' if busy else ' (--rerun runs them again)'}")
-        return
-    finished = len(trials) - len(todo) - len(busy)
-    if finished:
-        out.print(f"{finished} of {len(trials)} trials already finished in {tracker.uri}; running the other {len(todo)}")
-    from fmnist_cluster.sweep import TrialOutcome, run_sweep, trial_rows
+    from fmnist_cluster.sweep import TrialOutcome, plan, run_sweep, trial_rows
 
     from tracking import TrackingError
 
+    recorded: set[str] = set()
+    if skip_recorded is not None:
+        from fmnist_cluster.records import RecordError, recorded_keys
+
+        try:
+            recorded = recorded_keys(skip_recorded)
+        except RecordError as e:
+            raise fail(str(e)) from None
+    tracker = _tracker(tracking_uri)
+    planned = plan(tracker, tracker.experiment(spec_.experiment), trials, rerun=rerun, recorded=recorded)
+    for name, who in planned.busy.items():
+        out.print(f"skipping {name}: another sweep is running it ({who})")
+    if not planned.todo:
+        out.print(f"all {len(trials)} trials of {spec_.experiment!r} already finished"
+                  f"{' or running elsewhere' if planned.busy else ''} in {tracker.uri}"
+                  f"{f' or recorded in {skip_recorded}' if recorded else ''}; nothing to do"
+                  f"{'' if planned.busy else ' (--rerun runs them again)'}")
+        return
+    if planned.finished:
+        where = f"{tracker.uri}" + (f" or recorded in {skip_recorded}" if recorded else "")
+        out.print(f"{len(planned.finished)} of {len(trials)} trials already finished in {where}; "
+                  f"running the other {len(planned.todo)}")
     start = time.perf_counter()
     try:
-        outcome = run_sweep(spec_, todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,
+        outcome = run_sweep(spec_, planned.todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,
                             max_concurrent=max_concurrent, data_dir=str(data_dir) if data_dir else None,
                             storage_path=storage_path, log_models=models, share_training=share_training,
-                            num_gpus=num_gpus, verbose=2 if verbose else 1)
+                            num_gpus=num_gpus, verbose=2 if verbose else 1, rerun=rerun)
     except TrackingError as e:
         raise fail(f"{e}", 1) from None
-    outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="finished earlier")
-                       for t in trials if t.config.key() in done]
-    outcome.trials += [TrialOutcome(t.name, "SKIPPED", error=f"running in another sweep: {claimed[t.config.key()]}")
-                       for t in busy]
+    outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="recorded in " + str(skip_recorded)
+                                    if t.config.key() in recorded else "finished earlier") for t in planned.finished]
+    outcome.trials += [TrialOutcome(name, "SKIPPED", error=f"running in another sweep: {who}")
+                       for name, who in planned.busy.items()]
     _print_outcome(trial_rows(outcome), time.perf_counter() - start)
     out.print(f"MLflow: {tracker.uri}, experiment {spec_.experiment!r}, parent run {outcome.parent_run_id}")
+    for warning in outcome.warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if outcome.interrupted:
         raise fail(f"interrupted; run `fmc sweep {spec}` again to finish the remaining trials", 130)
     if outcome.failed:
@@ -315,11 +329,16 @@ def _select(trials: list, patterns: str, spec: Path) -> list:
 
 
 def _print_outcome(rows: list[dict], seconds: float) -> None:
+    """The final table, one line per trial (long errors cut there), then each failed trial's error in
+    full on one line of its own."""
+    from fmnist_cluster.metrics import score_names
+
     table = Table(title=f"sweep finished in {seconds:.0f}s")
-    keys = ["trial", "status"] + [f"{c}_{s}" for c in ("kmeans", "gmm") for s in ("acc", "acc_majority", "nmi")]
-    for k in keys + ["seconds", "error"]:
-        table.add_column(k.replace("_acc_majority", " acc_maj").replace("kmeans", "km"),
-                         justify="right" if k not in ("trial", "status", "error") else "left")
+    keys = ["trial", "status"] + score_names(scores=("acc", "acc_majority", "nmi"))
+    for k in keys + ["seconds"]:
+        table.add_column(k.replace("_acc_majority", " acc_maj").replace("kmeans", "km"), no_wrap=True,
+                         justify="right" if k not in ("trial", "status") else "left")
+    table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=48)
     colour = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "SKIPPED": "dim"}
     for r in rows:
         cells = [r["trial"], f"[{colour[r['status']]}]{r['status']}[/]"]
@@ -327,13 +346,42 @@ def _print_outcome(rows: list[dict], seconds: float) -> None:
         cells += ["-" if r["seconds"] is None else f"{r['seconds']:.0f}", r["error"] or ""]
         table.add_row(*cells)
     out.print(table)
+    for r in rows:
+        if r["status"] == "FAILED" and r["error"]:
+            out.print(f"[red]FAILED[/] {r['trial']}: {r['error']}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def export(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment (the sweep's name).")],
+    out_path: Annotated[Path, typer.Option("--out", help="JSON-lines file to append to, e.g. results/X.jsonl.")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Append one record per finished trial run (config, scores, timings, tags, confusion matrices,
+    per-epoch history) that the file lacks: results that outlive the MLflow store."""
+    from fmnist_cluster.records import RecordError, append_records, read_records
+    from tracking.export import trial_records
+
+    tracker = _tracker(tracking_uri)
+    exp_id = tracker.experiment(experiment, create=False)
+    if exp_id is None:
+        raise fail(f"no experiment named {experiment!r} in {tracker.uri}")
+    try:
+        have = {r["run_id"] for r in read_records(out_path)} if out_path.exists() else set()
+        added = append_records(out_path, trial_records(tracker, exp_id, skip=have))
+    except RecordError as e:
+        raise fail(str(e)) from None
+    out.print(f"{added} new record(s) appended to {out_path} ({len(have) + added} in all) from experiment "
+              f"{experiment!r} in {tracker.uri}")
 
 
 @app.command()
 def report(
-    experiment: Annotated[str, typer.Argument(help="MLflow experiment (the sweep's name).")],
+    experiment: Annotated[Optional[str], typer.Argument(help="MLflow experiment (the sweep's name).")] = None,
     format: Annotated[str, typer.Option("--format", help="table, markdown or csv.")] = "table",
     chart: Annotated[Optional[Path], typer.Option(help="Where to write the comparison PNG.")] = None,
+    records: Annotated[Optional[Path], typer.Option(
+        "--from", help="Report from a records file (fmc export) instead of MLflow.")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Study-style tables (mean ± std over seeds, beside the study's figures) and a comparison chart."""
@@ -341,13 +389,25 @@ def report(
 
     if format not in ("table", "markdown", "csv"):
         raise fail(f"--format must be table, markdown or csv, got {format!r}")
-    tracker = _tracker(tracking_uri)
-    exp_id = tracker.experiment(experiment, create=False)
-    if exp_id is None:
-        raise fail(f"no experiment named {experiment!r} in {tracker.uri}")
-    rows = rep.aggregate(tracker.trial_runs(exp_id))
+    if (experiment is None) == (records is None):
+        raise fail("name an EXPERIMENT in MLflow or a records file with --from, not both")
+    if records is not None:
+        from fmnist_cluster.records import RecordError, read_records
+
+        try:
+            runs = read_records(records)
+        except RecordError as e:
+            raise fail(str(e)) from None
+        experiment = records.stem
+    else:
+        tracker = _tracker(tracking_uri)
+        exp_id = tracker.experiment(experiment, create=False)
+        if exp_id is None:
+            raise fail(f"no experiment named {experiment!r} in {tracker.uri}")
+        runs = tracker.trial_runs(exp_id)
+    rows = rep.aggregate(runs)
     if not rows:
-        raise fail(f"experiment {experiment!r} has no finished trial runs yet")
+        raise fail(f"{experiment!r} has no finished trial runs yet")
     if format == "markdown":
         sys.stdout.write(rep.to_markdown(rows))
     elif format == "csv":

@@ -46,6 +46,13 @@ class ModelConfig(_Strict):
             raise ValueError("kind none clusters raw pixels and takes no filters, units or latent_activation")
         return self
 
+    def latent_dim(self) -> int:
+        """Features per image the clusterers see without a manifold stage: 7 x 7 x the last conv's
+        filters (two poolings), the last dense layer's units, or 784 raw pixels."""
+        if self.kind == "conv":
+            return 7 * 7 * self.filters[-1]
+        return self.units[-1] if self.kind == "dense" else 784
+
     def label(self) -> str:
         """Short architecture name: '64-32-16-7', 'dense-128-64-32' (``-lin`` for a linear code) or 'raw'."""
         suffix = "-lin" if self.latent_activation == "linear" else ""
@@ -126,7 +133,8 @@ class TrialConfig(_Strict):
     eval_split: Literal["test", "train", "all"] = "test"
     manifold: ManifoldConfig = ManifoldConfig()
     eval_every: int = Field(0, ge=0)  # epochs between scorings of the codes during training; 0: off
-    eval_clusterers: tuple[Literal["kmeans", "gmm"], ...] = ("kmeans",)
+    # clusterers scored every eval_every epochs; None: all of the trial's clusterers
+    eval_clusterers: tuple[Literal["kmeans", "gmm"], ...] | None = None
     data: DataConfig = DataConfig()
 
     @model_validator(mode="before")
@@ -147,8 +155,16 @@ class TrialConfig(_Strict):
             raise ValueError("epochs must be at least 1 for an autoencoder")
         if self.eval_every and self.model.kind == "none":
             raise ValueError(f"eval_every = {self.eval_every}: raw pixels train nothing to score during training")
-        if set(self.eval_clusterers) - set(self.clusterers):
-            raise ValueError(f"eval_clusterers {list(self.eval_clusterers)} must be among clusterers {list(self.clusterers)}")
+        if self.eval_clusterers is not None:
+            if not self.eval_every:
+                raise ValueError("eval_clusterers applies only with eval_every (scores during training)")
+            if not self.eval_clusterers or set(self.eval_clusterers) - set(self.clusterers):
+                raise ValueError(f"eval_clusterers {list(self.eval_clusterers)} must be among clusterers "
+                                 f"{list(self.clusterers)}")
+        dim = self.model.latent_dim()
+        if self.manifold.kind == "pca" and self.manifold.n_components > dim:
+            raise ValueError(f"manifold.n_components = {self.manifold.n_components} is larger than the "
+                             f"{dim} features of the codes ({self.model.label()}); PCA cannot make more")
         if self.data.subset is not None:
             n_train, n_eval = self.data.subset, self.n_eval_images()
             if n_eval < self.n_clusters:
@@ -157,10 +173,17 @@ class TrialConfig(_Strict):
             if self.model.kind != "none" and self.batch_size > n_train:
                 raise ValueError(f"batch_size = {self.batch_size} is larger than the {n_train} training images "
                                  f"of data.subset = {self.data.subset}")
+            if self.manifold.kind != "none" and self.manifold.n_components >= n_eval:
+                raise ValueError(f"manifold.n_components = {self.manifold.n_components} needs more than "
+                                 f"{n_eval} images to cluster (data.subset = {self.data.subset})")
             if self.manifold.kind == "umap" and self.manifold.n_neighbors >= n_eval:
                 raise ValueError(f"manifold.n_neighbors = {self.manifold.n_neighbors} needs more than "
                                  f"{n_eval} images to cluster (data.subset = {self.data.subset})")
         return self
+
+    def scored_during_training(self) -> tuple[str, ...]:
+        """The clusterers that ``eval_every`` scores: ``eval_clusterers``, else all of ``clusterers``."""
+        return self.eval_clusterers or self.clusterers
 
     def n_eval_images(self) -> int:
         """How many images the clusterers see (the evaluation split's size)."""

@@ -68,6 +68,12 @@ def ari(labels_true, labels_pred) -> float:
 
 
 SCORES = {"acc": acc, "acc_majority": acc_majority, "nmi": nmi, "ari": ari}
+CLUSTERERS = ("kmeans", "gmm")
+
+
+def score_names(clusterers=CLUSTERERS, scores=tuple(SCORES)) -> list[str]:
+    """The metric names fmc logs for clusterers' scores: ``kmeans_acc``, ``kmeans_acc_majority``, ..."""
+    return [f"{c}_{s}" for c in clusterers for s in scores]
 
 
 def score_all(labels_true, labels_pred) -> dict[str, float]:

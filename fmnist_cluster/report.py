@@ -19,8 +19,9 @@ from importlib import resources
 from statistics import mean, stdev
 from typing import Any
 
-CLUSTERERS = ("kmeans", "gmm")
-SCORES = ("acc", "acc_majority", "nmi")
+from fmnist_cluster.metrics import CLUSTERERS, score_names
+
+SCORES = ("acc", "acc_majority", "nmi")  # the scores the tables show
 SEED_PARAMS = ("seed", "data.seed")
 EXTRA = ("recon_mse", "latent_dead_units", "manifold_seconds", "total_seconds")
 LABEL = {"kmeans": "KMeans", "gmm": "GMM"}
@@ -52,12 +53,24 @@ def _default_params() -> dict[str, str]:
     return {k: str(v) for k, v in TrialConfig().flat().items() if not k.startswith("model.")}
 
 
+def newest_per_trial(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per trial key, the newest (a trial run again with ``--rerun``, or logged by ``fmc run``
+    and by a sweep, counts once: its latest result)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        key = run["tags"].get("fmc.trial_key") or run.get("run_id") or run["name"]
+        if key not in newest or (run.get("start_time") or 0) > (newest[key].get("start_time") or 0):
+            newest[key] = run
+    return sorted(newest.values(), key=lambda r: (r.get("start_time") or 0, r.get("run_id") or ""))
+
+
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration (seeds pooled): case, model, epochs, eval_split, manifold, n, and for
-    each score ``{metric}_mean``, ``_std`` (None for one run), ``_min`` and ``_max`` (fractions)."""
+    """One row per configuration (seeds pooled; the newest run of each trial key): case, model, epochs,
+    eval_split, manifold, subset, n, and for each score ``{metric}_mean``, ``_std`` (None for one run),
+    ``_min`` and ``_max`` (fractions)."""
     defaults = _default_params()
     groups: dict[tuple, list[dict]] = {}
-    for run in runs:
+    for run in newest_per_trial(runs):
         params = {**defaults, **run["params"]}
         key = tuple(sorted((k, v) for k, v in params.items() if k not in SEED_PARAMS))
         groups.setdefault(key, []).append({**run, "params": params})
@@ -68,8 +81,9 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"case": _case_name(first["tags"].get("fmc.trial", first["name"])),
                "model": first["tags"].get("fmc.model", params.get("model.kind")),
                "epochs": int(params.get("epochs", 0)), "eval_split": params.get("eval_split", "test"),
-               "manifold": params.get("manifold.kind", "none"), "n": len(members)}
-        for metric in [f"{c}_{s}" for c in CLUSTERERS for s in SCORES] + list(EXTRA):
+               "manifold": params.get("manifold.kind", "none"), "subset": params.get("data.subset"),
+               "n": len(members)}
+        for metric in score_names(scores=SCORES) + list(EXTRA):
             values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
             row[f"{metric}_mean"] = mean(values) if values else None
             row[f"{metric}_std"] = stdev(values) if len(values) > 1 else None
@@ -82,10 +96,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def study_figure(row: dict[str, Any], metric: str) -> float | None:
-    """The study's figure (percent) for ``metric`` of a row named like a study case and scored on the
-    study's split; None when the study has none or the row is not comparable."""
+    """The study's figure (percent) for ``metric`` of a row named like a study case, on the study's data
+    (all of it, no ``data.subset``) and split; None when the study has none or the row is not comparable."""
     ref = study_reference().get(row["case"])
-    if ref is None or ref.get("eval_split", "test") != row["eval_split"] or row["manifold"] != "none":
+    if (ref is None or ref.get("eval_split", "test") != row["eval_split"] or row["manifold"] != "none"
+            or row.get("subset") not in (None, "None")):
         return None
     return ref.get(metric)
 
@@ -113,13 +128,15 @@ def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     cols = [("case", "case"), ("model", "model"), ("epochs", "epochs"), ("split", "eval_split")]
     if any(r["manifold"] != "none" for r in rows):
         cols.append(("manifold", "manifold"))
+    if any(r.get("subset") for r in rows):
+        cols.append(("subset", "subset"))
     cols.append(("n", "n"))
     compare = any(study_figure(r, f"{c}_{s}") is not None for r in rows for c in CLUSTERERS for s in SCORES)
     for c in CLUSTERERS:
         for s in ("acc_majority", "acc", "nmi"):
             cols.append((f"{LABEL[c]} {s}", f"{c}_{s}"))
             if compare and s != "acc":  # the study reports acc_majority and NMI
-                cols.append((f"study (Δ, in range)", f"study:{c}_{s}"))
+                cols.append(("study (Δ, in range)", f"study:{c}_{s}"))
     cols += [("recon MSE", "recon_mse"), ("dead units", "latent_dead_units")]
     return cols
 
@@ -140,6 +157,8 @@ def display_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
                 cells.append(_pct(row[f"{key}_mean"], row[f"{key}_std"]))
             elif key == "epochs" and row["model"] == "raw":
                 cells.append("-")
+            elif key == "subset":
+                cells.append(str(row["subset"] or "all"))
             else:
                 cells.append(str(row[key]))
         out.append(cells)

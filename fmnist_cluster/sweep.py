@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_cluster.config import Sweep, Trial, TrialConfig
+from fmnist_cluster.metrics import score_names
 
 PROGRESS_COLUMNS = {"epoch": "epoch", "loss": "loss", "val_loss": "val_loss", "scored": "scored"}
 
@@ -35,10 +36,32 @@ class SweepOutcome:
     trials: list[TrialOutcome]
     interrupted: bool = False
     parent_run_id: str | None = None
+    warnings: list[str] = field(default_factory=list)  # what the store refused of the parent run
 
     @property
     def failed(self) -> bool:
         return any(t.status == "FAILED" for t in self.trials)
+
+
+@dataclass
+class SweepPlan:
+    """What a sweep invocation will do with each selected trial, from the store's record."""
+
+    todo: list[Trial]
+    finished: list[Trial]  # a FINISHED run has their key (not with rerun)
+    busy: dict[str, str]  # trial name -> the live sweep running it now
+
+
+def plan(tracker, experiment_id: str, trials: list[Trial], *, rerun: bool = False,
+         recorded: set[str] = frozenset()) -> SweepPlan:
+    """Split ``trials`` by the record: finished already in the store or with a key in ``recorded``
+    (records exported from another store; both skipped unless ``rerun``), running in a live sweep now
+    (always left to it; expired claims are closed here) and to run."""
+    done = {} if rerun else {**dict.fromkeys(recorded, "recorded"), **tracker.finished_keys(experiment_id)}
+    claimed = tracker.claimed_keys(experiment_id)
+    busy = {t.name: claimed[t.config.key()] for t in trials if t.config.key() in claimed and t.config.key() not in done}
+    return SweepPlan(todo=[t for t in trials if t.config.key() not in done and t.name not in busy],
+                     finished=[t for t in trials if t.config.key() in done], busy=busy)
 
 
 def group_trials(trials: list[Trial], *, share_training: bool = True) -> list[list[Trial]]:
@@ -54,11 +77,11 @@ def group_trials(trials: list[Trial], *, share_training: bool = True) -> list[li
 
 
 def _placement() -> dict[str, str]:
-    """Where this Ray trial runs: node id and host, and the GPUs Ray gave it."""
+    """Where this Ray trial runs: node id, host and process, and the GPUs Ray gave it."""
     import ray
 
     context = ray.get_runtime_context()
-    tags = {"fmc.node": f"{socket.gethostname()}:{context.get_node_id()[:12]}",
+    tags = {"fmc.node": f"{socket.gethostname()}:{context.get_node_id()[:12]}", "fmc.pid": str(os.getpid()),
             "fmc.cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     gpus = ray.get_gpu_ids()
     if gpus:
@@ -66,64 +89,108 @@ def _placement() -> dict[str, str]:
     return tags
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:500]
+
+
 def _trainable(param: dict, datasets: dict, ctx, log_models: bool) -> None:
-    """Ray Tune function trainable: one group of trials (one training), one child run per trial."""
+    """Ray Tune function trainable: one group of trials (one training), one child run per trial.
+
+    One trial's failure (its scoring, its logging refused by the store) fails that trial only: its
+    run ends FAILED with the error and the group trains on for the others. Only the training itself
+    failing, an interrupt or the store out of reach for the outage bound end the whole group.
+    """
     from ray import tune
 
     from fmnist_cluster.plots import close
     from fmnist_cluster.trial import run_group
-    from tracking import TrialLogger
-    from tracking.mlflow_adapter import Heartbeat
+    from tracking import TrackingError, TrackingOutage, TrialLogger
 
-    group = [(t["name"], TrialConfig(**t["config"])) for t in param["group"]]
+    group = [(t["name"], TrialConfig(**t["config"])) for t in param["trial"]["members"]]
     lead = group[-1][0]  # the longest training: the others are scored on the way
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the trial's CPUs
     tags = {**_placement(), "fmc.trained_in": lead}
     outcomes: dict[str, dict[str, Any]] = {}  # name -> {status, metrics, seconds, error}, reported to Tune
-    loggers: dict[str, TrialLogger] = {}
+    names = {config.key(): name for name, config in group}
+    loggers: dict[str, TrialLogger] = {}  # trial key -> logger of the trials still open
     for name, config in group:
         log = TrialLogger(ctx, name, config, log_models=log_models, tags=tags)
-        holder = log.start(claim=True)
+        try:
+            holder = log.start(claim=True)
+        except TrackingOutage:
+            raise
+        except TrackingError as error:  # e.g. the store refused config.json: close the run FAILED, say why
+            log.finish(error)
+            outcomes[name] = {"status": "FAILED", "error": _one_line(error)}
+            continue
         if holder:
             outcomes[name] = {"status": "SKIPPED", "error": holder}
         else:
             loggers[config.key()] = log
-    names = {config.key(): name for name, config in group}
     todo = [config for _, config in group if config.key() in loggers]
     if not todo:
         tune.report({"trials": outcomes, "done": True})
         return
 
+    def fail(config: TrialConfig, error: BaseException) -> None:
+        """This trial alone has failed: close its run FAILED and say so."""
+        log = loggers.pop(config.key(), None)
+        if log is None:
+            return
+        problem = log.finish(error)
+        outcomes[names[config.key()]] = {"status": "FAILED",
+                                         "error": _one_line(error) + (f" (and: {problem})" if problem else "")}
+
+    def guarded(config: TrialConfig, call) -> None:
+        if config.key() not in loggers:
+            return
+        try:
+            call(loggers[config.key()])
+        except TrackingOutage:
+            raise  # the store is gone for every trial of the group
+        except Exception as error:  # noqa: BLE001 - recorded as this trial's failure
+            fail(config, error)
+
     def on_epoch(epoch: int, values: dict[str, float]) -> None:
         for config in todo:
-            if config.epochs >= epoch and not loggers[config.key()].finished:
-                loggers[config.key()].epoch(epoch, values)
+            if config.epochs >= epoch:
+                guarded(config, lambda log: log.epoch(epoch, values))
         tune.report({**values, "epoch": epoch, "scored": len(outcomes), "trials": outcomes})
 
     def on_eval(config: TrialConfig, epoch: int, scores: dict[str, float]) -> None:
-        loggers[config.key()].eval(epoch, scores)
+        guarded(config, lambda log: log.eval(epoch, scores))
 
     def on_result(config: TrialConfig, result, error) -> None:
-        log = loggers[config.key()]
         if error is not None:
-            log.finish(error)
-            outcomes[names[config.key()]] = {"status": "FAILED", "error": f"{type(error).__name__}: {error}"}
-        else:
-            log.result(result)
-            log.finish()
-            close(result.figures)
-            outcomes[names[config.key()]] = {"status": "FINISHED", "seconds": result.timings.get("total_seconds"),
-                                             "metrics": {k: v for k, v in result.metrics.items()}}
+            fail(config, error)
+        elif config.key() in loggers:
+            try:
+                loggers[config.key()].result(result)
+            except TrackingOutage:
+                raise
+            except Exception as error:  # noqa: BLE001 - e.g. the store refused an artifact
+                fail(config, error)
+            else:
+                problem = loggers.pop(config.key()).finish()
+                outcomes[names[config.key()]] = (
+                    {"status": "FAILED", "error": problem} if problem else
+                    {"status": "FINISHED", "seconds": result.timings.get("total_seconds"),
+                     "metrics": dict(result.metrics)})
+            finally:
+                close(result.figures)
         tune.report({"scored": len(outcomes), "trials": outcomes})
 
-    with Heartbeat(list(loggers.values()), every=min(30.0, ctx.claim_ttl / 3)):
-        try:
-            run_group(todo, data=datasets[(todo[0].data.subset, todo[0].data.seed)], threads=threads,
-                      on_epoch=on_epoch, on_eval=on_eval, on_result=on_result)
-        except BaseException as error:  # the training itself failed or was stopped: every open trial ends
-            for log in loggers.values():
-                log.finish(error)
-            raise
+    try:
+        run_group(todo, data=datasets[(todo[0].data.subset, todo[0].data.seed)], threads=threads,
+                  on_epoch=on_epoch, on_eval=on_eval, on_result=on_result,
+                  wanted=lambda config: config.key() in loggers)
+    except BaseException as error:  # the training failed, was stopped or lost the store: every open trial ends
+        for config in list(todo):
+            fail(config, error)
+        if not isinstance(error, Exception) or isinstance(error, TrackingOutage):
+            raise  # an interrupt, or the store gone: Tune and the driver must know
+        tune.report({"scored": len(outcomes), "trials": outcomes, "done": True})
+        return
     tune.report({"scored": len(outcomes), "trials": outcomes, "done": True})
 
 
@@ -136,12 +203,14 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW
 def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None = None,
               cpu: float | None = None, gpu: float | None = None, max_concurrent: int | None = None,
               data_dir: str | None = None, storage_path: str | None = None, log_models: bool = True,
-              share_training: bool = True, num_gpus: int | None = None, verbose: int = 1) -> SweepOutcome:
-    """Run ``trials`` (those not finished yet) of ``sweep`` on Ray Tune; return what happened to each.
+              share_training: bool = True, num_gpus: int | None = None, verbose: int = 1,
+              rerun: bool = False) -> SweepOutcome:
+    """Run ``trials`` (the ``todo`` of :func:`plan`) of ``sweep`` on Ray Tune; return what happened to each.
 
-    The tracker must be checked and the experiment created by the caller; this opens the parent run,
-    runs the trials, closes the parent (FINISHED, FAILED if a trial failed, KILLED if interrupted).
-    ``num_gpus`` sets the GPUs of a local Ray (default: those it detects).
+    The tracker must be checked by the caller; this opens the parent run, runs the trials, closes the
+    parent (FINISHED, FAILED if a trial failed, KILLED if interrupted). ``num_gpus`` sets the GPUs of a
+    local Ray (default: those it detects). With ``rerun`` every trial gets a new run even where one
+    finished earlier (a trial another sweep is running now is still left to it).
     """
     # Tune's classic reporter, so that the progress table shows our metric columns
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -160,7 +229,8 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
                                        "share_training": share_training,
                                        "resources.cpu": cpu or sweep.resources.cpu,
                                        "resources.gpu": gpu if gpu is not None else sweep.resources.gpu,
-                                       "max_concurrent": max_concurrent or sweep.max_concurrent or "auto"})
+                                       "max_concurrent": max_concurrent or sweep.max_concurrent or "auto"},
+                               rerun=rerun)
     # Ctrl-C and SIGTERM both stop Tune cleanly: Tune handles SIGINT, so route SIGTERM to it.
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     outcome = SweepOutcome(trials=[], parent_run_id=ctx.parent_run_id)
@@ -181,16 +251,18 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, datasets=datasets, ctx=ctx, log_models=log_models), resources)
+        # the status table shows each Ray trial's name (its longest trial, '+N' scored on the way)
         reporter = tune.CLIReporter(metric_columns=PROGRESS_COLUMNS, max_report_frequency=30,
-                                    parameter_columns=[], print_intermediate_tables=True)
+                                    parameter_columns={"trial/name": "trial"}, print_intermediate_tables=True)
         tuner = tune.Tuner(
             trainable,
-            param_space={"group": tune.grid_search(
-                [[{"name": t.name, "config": t.config.model_dump(mode="json")} for t in g] for g in groups])},
+            param_space={"trial": tune.grid_search([
+                {"name": _group_name(g), "members": [{"name": t.name, "config": t.config.model_dump(mode="json")}
+                                                     for t in g]} for g in groups])},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or sweep.max_concurrent,
                                         reuse_actors=False,
-                                        trial_name_creator=lambda tr: _group_name(tr.config["group"]),
-                                        trial_dirname_creator=lambda tr: f"{tr.config['group'][-1]['name']}-{tr.trial_id}"),
+                                        trial_name_creator=lambda tr: tr.config["trial"]["name"],
+                                        trial_dirname_creator=lambda tr: f"{tr.config['trial']['members'][-1]['name']}-{tr.trial_id}"),
             run_config=tune.RunConfig(
                 name=f"{sweep.experiment}-{ctx.parent_run_id[:8]}",
                 storage_path=str(Path(storage_path or "ray_results").resolve()),
@@ -201,7 +273,7 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         seen = set()
         for res in grid:
             reported = (res.metrics or {}).get("trials") or {}
-            for member in res.config["group"]:
+            for member in res.config["trial"]["members"]:
                 name = member["name"]
                 seen.add(name)
                 if name in reported:
@@ -229,24 +301,25 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
             runs = [r for r in tracker.trial_runs(exp_id) if r["tags"].get("fmc.trial_key") in keys]
         except Exception:  # noqa: BLE001 - the store is down: close the parent without the summary figures
             runs = []
-        tracker.end_parent(ctx, status, table=table, figures=_comparison(runs), metrics=best_scores(runs))
+        errors = {t.name: t.error for t in outcome.trials if t.status == "FAILED" and t.error}
+        outcome.warnings += tracker.end_parent(ctx, status, table=table, figures=_comparison(runs),
+                                               metrics=best_scores(runs), errors=errors)
     return outcome
 
 
-def _group_name(group: list[dict]) -> str:
+def _group_name(group: list[Trial]) -> str:
     """Ray trial name of a group: its longest trial, '+N' when it scores N shorter ones on the way."""
-    return group[-1]["name"] + (f"+{len(group) - 1}" if len(group) > 1 else "")
+    return group[-1].name + (f"+{len(group) - 1}" if len(group) > 1 else "")
 
 
 def best_scores(runs: list[dict[str, Any]]) -> dict[str, float]:
     """``best_{clusterer}_{score}`` over finished trial runs: the sweep's best, for sorting sweeps in MLflow."""
     best: dict[str, float] = {}
     for run in runs:
-        for c in ("kmeans", "gmm"):
-            for s in ("acc", "acc_majority", "nmi", "ari"):
-                value = run["metrics"].get(f"{c}_{s}")
-                if value is not None:
-                    best[f"best_{c}_{s}"] = max(value, best.get(f"best_{c}_{s}", value))
+        for name in score_names():
+            value = run["metrics"].get(name)
+            if value is not None:
+                best[f"best_{name}"] = max(value, best.get(f"best_{name}", value))
     return best
 
 
@@ -259,10 +332,17 @@ def _comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _short_error(err: BaseException) -> str:
-    """The trial's own exception, not Ray's wrapper: 'FloatingPointError: training loss is nan ...'."""
+    """The trial's own exception in one line, not Ray's wrapper: 'FloatingPointError: training loss is
+    nan ...'; for a worker process that died (Ray's paragraph on dead actors), what happened and why."""
     cause = getattr(err, "cause", None) or err
     name = type(cause).__name__
-    lines = [ln for ln in str(cause).splitlines() if ln.strip()]
+    text = str(cause)
+    if name in ("ActorDiedError", "WorkerCrashedError") or "actor died unexpectedly" in text or "worker died" in text:
+        exit_detail = next((ln.split("Worker exit detail:", 1)[1].strip() for ln in text.splitlines()
+                            if "Worker exit detail:" in ln), "")
+        return ("the trial's worker process died (killed by a signal, most likely the out-of-memory killer, "
+                "or crashed)" + (f": {exit_detail.rstrip('.')}" if exit_detail else ""))[:300]
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if lines and name in ("RayTaskError", "TuneError"):  # a wrapper: its last line is the trial's error
         return lines[-1].strip()
     return f"{name}: {cause}".strip().splitlines()[-1]
@@ -273,9 +353,8 @@ def trial_rows(outcome: SweepOutcome) -> list[dict[str, Any]]:
     rows = []
     for t in outcome.trials:
         row = {"trial": t.name, "status": t.status}
-        for c in ("kmeans", "gmm"):
-            for s in ("acc", "acc_majority", "nmi"):
-                row[f"{c}_{s}"] = t.metrics.get(f"{c}_{s}")
+        for name in score_names(scores=("acc", "acc_majority", "nmi")):
+            row[name] = t.metrics.get(name)
         row["seconds"] = t.seconds
         row["error"] = t.error
         rows.append(row)

@@ -37,6 +37,7 @@ class TrialResult:
     history : per-epoch ``loss``, ``val_loss`` and ``epoch_seconds`` (up to the trial's own epochs).
     evals : epoch -> scores of the codes at that epoch (``eval_every``), the final scores included.
     confusion : ``{clusterer}_{hungarian|majority}`` -> (10, 10) int array (true x assigned label).
+    labels : clusterer -> (n_eval,) cluster of each image of the evaluation split, in the split's order.
     figures : name -> matplotlib Figure (``pca``, ``reconstructions``, ``loss``, ``clustering_vs_epoch``,
         ``confusion_{clusterer}_{mapping}``).
     models : ``autoencoder``, ``encoder`` (Keras, absent for raw pixels), ``manifold`` and the fitted
@@ -49,6 +50,7 @@ class TrialResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
     confusion: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
@@ -88,13 +90,15 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
                                                                     BaseException | None], None],
               data: Dataset | None = None, data_dir: str | None = None, threads: int | None = None,
               on_epoch: EpochHook | None = None, on_eval: EvalHook | None = None, figures: bool = True,
-              verbose: int | str = 0) -> None:
+              verbose: int | str = 0, wanted: Callable[[TrialConfig], bool] | None = None) -> None:
     """Run trials that share their training (equal :meth:`TrialConfig.training_key`).
 
     The autoencoder trains once, to the largest ``epochs``; at the end of each trial's own epochs that
     trial is encoded, clustered and scored, and handed to ``on_result(config, result, None)`` before
-    training goes on. A trial whose scoring fails is handed over as ``on_result(config, None, error)``
-    and the others go on; an error of the training itself (a diverged loss) ends the group.
+    training goes on. A trial whose scoring fails (at its end or during ``eval_every``) is handed over
+    once as ``on_result(config, None, error)`` and the others go on; an error of the training itself
+    (a diverged loss) ends the group. ``wanted(config)`` False drops a trial (e.g. its logging failed);
+    training stops early once no trial is left that needs more epochs.
     """
     if len({c.training_key() for c in configs}) != 1:
         raise ValueError("run_group: the trials differ in their training settings: "
@@ -109,12 +113,22 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
 
         configure_backend(threads=threads, seed=lead.seed)  # Keras runs the training or the fast GMM
     state = _State(data=data, data_seconds=data_seconds, threads=threads, figures=figures)
+    failed: set[str] = set()  # trial keys already handed over as failed
+
+    def is_open(config: TrialConfig) -> bool:
+        return config.key() not in failed and (wanted is None or wanted(config))
+
+    def failure(config: TrialConfig, error: BaseException) -> None:
+        failed.add(config.key())
+        on_result(config, None, error)
 
     def finish(config: TrialConfig) -> None:
+        if not is_open(config):
+            return
         try:
             result = _evaluate(config, state)
         except Exception as error:  # noqa: BLE001 - handed to the caller, who records it for this trial
-            on_result(config, None, error)
+            failure(config, error)
             return
         on_result(config, result, None)
 
@@ -127,15 +141,22 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
 
     state.autoencoder, state.encoder = build_autoencoder(lead.model, learning_rate=lead.learning_rate)
 
-    def after_epoch(epoch: int) -> None:
+    def after_epoch(epoch: int) -> bool:
+        """Score and finish what is due at ``epoch``; False once no open trial needs more epochs."""
         if lead.eval_every and epoch % lead.eval_every == 0:
             t = time.perf_counter()
-            done: dict[str, dict[str, float]] = {}  # trials with the same scoring settings share it
+            done: dict[str, dict[str, float] | Exception] = {}  # trials with the same scoring settings share it
             for config in configs:
-                if config.epochs > epoch:
+                if config.epochs > epoch and is_open(config):
                     signature = _scoring_signature(config)
                     if signature not in done:
-                        done[signature] = _score_codes(config, state, config.eval_clusterers)
+                        try:
+                            done[signature] = _score_codes(config, state, config.scored_during_training())
+                        except Exception as error:  # noqa: BLE001 - fails the trials scored this way only
+                            done[signature] = error
+                    if isinstance(done[signature], Exception):
+                        failure(config, done[signature])
+                        continue
                     state.evals.setdefault(config.key(), {})[epoch] = done[signature]
                     if on_eval is not None:
                         on_eval(config, epoch, done[signature])
@@ -143,6 +164,7 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
         for config in configs:
             if config.epochs == epoch:
                 finish(config)
+        return any(config.epochs > epoch and is_open(config) for config in configs)
 
     state.autoencoder.fit(data.x_train, data.x_train, validation_data=(data.x_val, data.x_val),
                           epochs=lead.epochs, batch_size=lead.batch_size, shuffle=True, verbose=verbose,
@@ -164,7 +186,7 @@ class _State:
     eval_seconds: float = 0.0
 
 
-def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], None]):
+def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], bool]):
     import keras
 
     class EpochCallback(keras.callbacks.Callback):
@@ -180,7 +202,8 @@ def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]],
                 raise FloatingPointError(f"training loss is {logs.get('loss')} at epoch {epoch + 1}; the autoencoder diverged")
             if on_epoch is not None:
                 on_epoch(epoch + 1, {k: history[k][-1] for k in ("loss", "val_loss", "epoch_seconds")})
-            after_epoch(epoch + 1)
+            if not after_epoch(epoch + 1):
+                self.model.stop_training = True  # no trial left that needs more epochs
 
     return EpochCallback()
 
@@ -188,8 +211,8 @@ def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]],
 def _scoring_signature(config: TrialConfig) -> str:
     """The settings that decide a trial's scores once its codes are given."""
     dump = config.model_dump(mode="json")
-    return json.dumps({k: dump[k] for k in ("n_clusters", "eval_clusterers", "kmeans", "gmm", "eval_split",
-                                             "manifold", "seed")}, sort_keys=True)
+    return json.dumps({**{k: dump[k] for k in ("n_clusters", "kmeans", "gmm", "eval_split", "manifold", "seed")},
+                       "scored": list(config.scored_during_training())}, sort_keys=True)
 
 
 def _codes(config: TrialConfig, state: _State) -> tuple[np.ndarray, np.ndarray]:
@@ -259,6 +282,7 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
 
     labels = _cluster(config, codes, y_eval, config.clusterers, state.threads, result)
     features = labels.pop("features")
+    result.labels = dict(labels)
     for name in config.clusterers:
         for mapping in ("hungarian", "majority"):
             result.confusion[f"{name}_{mapping}"] = metrics.mapped_confusion(
@@ -267,7 +291,7 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
     if config.eval_every:
         result.evals = {**state.evals.get(config.key(), {}),
                         config.epochs: {k: v for k, v in result.metrics.items()
-                                        if k.split("_", 1)[0] in config.eval_clusterers}}
+                                        if k.split("_", 1)[0] in config.scored_during_training()}}
         result.timings["eval_seconds"] = state.eval_seconds
     if state.figures:
         t = time.perf_counter()

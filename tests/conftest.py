@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -50,11 +51,13 @@ def stop(proc: subprocess.Popen) -> None:
 def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:port with a SQLite backend and artifact root in ``root``;
     returns once it answers."""
+    # no job runner (a second process fmc never uses): the server starts faster and lighter
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        cwd=root, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=root, env=env, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc)
     except BaseException:
@@ -73,6 +76,67 @@ def mlflow_server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+RAY = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
+
+
+def ray_node(args: list[str], env: dict, log: Path, cpus: int = 1) -> subprocess.Popen:
+    """One `ray start --block` process (a Ray node) in a process group of its own, so that the test
+    stops it, and only it, by its id."""
+    return subprocess.Popen(RAY + ["start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                                   "--num-gpus", "0", "--object-store-memory", str(150 * 2**20),
+                                   "--dashboard-agent-listen-port", str(free_port()), *args],
+                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_nodes(address: str, env: dict, n: int, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+             "print(sum(node['Alive'] for node in ray.nodes()))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert all(p.poll() is None for p in procs), "a Ray node exited while starting"
+        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+                             timeout=120)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    pytest.fail(f"the Ray cluster at {address} did not reach {n} nodes in {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real Ray cluster on loopback (a head node with this machine's 2 CPUs) for the sweep tests to
+    join (RAY_ADDRESS), so that each sweep does not start and stop a Ray of its own, which costs tens
+    of seconds each on a 2-core machine. The interrupt test and the scale-out tests start their own."""
+    port = free_port()
+    temp = Path(f"/tmp/fmc-ray-{port}")  # Ray's socket paths must stay short: not under pytest's tmp_path
+    # `ray start` turns token auth on: the head, its workers and every driver share one token
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", **auth}
+    env.pop("RAY_ADDRESS", None)
+    head = ray_node(["--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp),
+                     "--ray-client-server-port", str(free_port())], env,
+                    tmp_path_factory.mktemp("ray") / "head.log", cpus=os.cpu_count() or 2)
+    try:
+        wait_nodes(f"127.0.0.1:{port}", env, 1, [head])
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
+    finally:
+        stop(head)
+
+
+@pytest.fixture(scope="module")
+def on_shared_ray(ray_cluster):
+    """The module's sweeps join the shared cluster (RAY_ADDRESS and its token in the environment they
+    inherit)."""
+    before = {k: os.environ.get(k) for k in ray_cluster}
+    os.environ.update(ray_cluster)
+    yield ray_cluster["RAY_ADDRESS"]
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture

@@ -56,6 +56,13 @@ def test_seeds_vary_training_and_data_together():
     assert not (a.y_train == b.y_train).all()
 
 
+@pytest.mark.parametrize("name", ["paper_cases_seeds.yaml", "extra_grids.yaml", "beyond.yaml"])
+def test_files_over_seeds_vary_the_data_split_too(name):
+    """A sweep file "over 3 seeds" varies the training seed and the data split together."""
+    trials = load_sweep(SWEEPS / name).expand()
+    assert {(t.config.seed, t.config.data.seed) for t in trials} == {(0, 0), (1, 1), (2, 2)}
+
+
 def test_beyond_shares_training_between_manifolds():
     from fmnist_cluster.sweep import group_trials
 
@@ -87,6 +94,17 @@ def test_manifold_settings_are_validated_and_logged():
             TrialConfig(manifold=bad)
     with pytest.raises(ValueError, match="n_neighbors = 20 needs more than 15 images"):
         TrialConfig(manifold={"kind": "umap"}, data={"subset": 15}, batch_size=8)
+
+
+def test_one_clusterer_alone_and_what_eval_every_scores():
+    """A GMM-only (or KMeans-only) trial validates, with or without eval_every; eval_every scores the
+    trial's own clusterers unless eval_clusterers picks some of them."""
+    assert TrialConfig(clusterers=["gmm"]).scored_during_training() == ("gmm",)
+    assert TrialConfig(clusterers=["gmm"], eval_every=2).scored_during_training() == ("gmm",)
+    assert TrialConfig(eval_every=2).scored_during_training() == ("kmeans", "gmm")
+    assert TrialConfig(eval_every=2, eval_clusterers=["kmeans"]).scored_during_training() == ("kmeans",)
+    assert "eval_clusterers" not in TrialConfig(clusterers=["gmm"]).flat()
+    assert TrialConfig(model={"kind": "none"}, clusterers=["gmm"]).model.latent_dim() == 784
 
 
 def test_keys_survive_new_settings_and_training_keys_group():
@@ -157,6 +175,12 @@ BAD = {
                              r"bad.yaml:6: trials\[1\].seed: seeds is set"),
     "eval without training": (GOOD + "  - {name: c, model: {kind: none}, eval_every: 2}\n",
                               r"eval_every = 2: raw pixels train nothing"),
+    "eval clusterers without eval": (GOOD + "  - {name: c, eval_clusterers: [gmm]}\n",
+                                     r"bad.yaml:7: trials\[2\] \(c\): eval_clusterers applies only with eval_every"),
+    "eval clusterer not run": (GOOD + "  - {name: c, clusterers: [gmm], eval_every: 1, eval_clusterers: [kmeans]}\n",
+                               r"eval_clusterers \['kmeans'\] must be among clusterers \['gmm'\]"),
+    "pca above the code": (GOOD + "  - {name: c, model: {kind: dense, units: [16, 4]}, manifold: {kind: pca, n_components: 5}}\n",
+                           r"bad.yaml:7: .*manifold.n_components = 5 is larger than the 4 features of the codes"),
 }
 
 

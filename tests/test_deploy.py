@@ -221,6 +221,7 @@ def with_option(argv: list[str], option: str, value: str) -> list[str]:
     return out if found else out + [f"{option}={value}"]
 
 
+@pytest.mark.slow
 def test_native_smoke(resolved, postgres, tmp_path):
     services = resolved["services"]
     mlflow_port, gcs_port, dash_port, client_port = (free_port() for _ in range(4))

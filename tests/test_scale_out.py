@@ -15,52 +15,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FMC, ROOT, free_port, stop
+from conftest import FMC, ROOT, free_port, ray_node, stop, wait_nodes
 
-RAY = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
-
-SPEC = """\
-experiment: {experiment}
-data: {{subset: 300, seed: 0}}
-defaults:
-  model: {{kind: dense, units: [32, 8]}}
-  epochs: {epochs}
-  kmeans: {{n_init: 1}}
-  clusterers: [kmeans]
-trials:
-{trials}
-resources: {{cpu: {cpu}}}
-"""
-
-
-def write(path: Path, experiment: str, n: int, epochs: int, cpu: float) -> Path:
-    trials = "\n".join(f"  - {{name: t{i}, seed: {i}}}" for i in range(n))
-    path.write_text(SPEC.format(experiment=experiment, epochs=epochs, trials=trials, cpu=cpu))
-    return path
-
-
-def ray_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """One `ray start --block` process (a Ray node) in a process group of its own, so that the test
-    stops it, and only it, by its id."""
-    return subprocess.Popen(RAY + ["start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-                                   "--num-gpus", "0", "--object-store-memory", str(150 * 2**20),
-                                   "--dashboard-agent-listen-port", str(free_port()), *args],
-                            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_nodes(address: str, env: dict, n: int, procs: list[subprocess.Popen], timeout: float = 120) -> None:
-    probe = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-             "print(sum(node['Alive'] for node in ray.nodes()))")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert all(p.poll() is None for p in procs), "a Ray node exited while starting"
-        out = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
-                             timeout=60)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
-            return
-        time.sleep(2)
-    pytest.fail(f"the Ray cluster at {address} did not reach {n} nodes in {timeout} s")
-
+pytestmark = pytest.mark.slow  # real Ray and MLflow servers, minutes: `make test-fast` leaves these out
 
 def children(url: str, experiment: str) -> list:
     client = MlflowClient(url)

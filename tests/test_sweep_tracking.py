@@ -15,7 +15,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import FMC, ROOT, free_port, stop, wait_http
-from tracking.mlflow_adapter import cpu_model
+from tracking.store import cpu_model
+
+# real Ray and MLflow servers, minutes (`make test-fast` leaves these out); sweeps join one shared Ray
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_shared_ray")]
 
 SWEEP = """\
 experiment: {experiment}
@@ -27,12 +30,14 @@ defaults:
   gmm: {{n_init: 1, covariance_type: diag}}
 trials:
   # the fast mixture's model logs and serves like scikit-learn's; scored during training too
-  - {{name: conv, gmm: {{impl: fast}}, eval_every: 1}}
+  - {{name: conv, gmm: {{impl: fast}}, eval_every: 1, eval_clusterers: [kmeans]}}
   # differs from conv only in its epochs: scored on conv's training, at epoch 1
   - {{name: conv-short, gmm: {{impl: fast}}, eval_every: 1, epochs: 1}}
   # a UMAP stage before the clusterers; also on conv's training (it differs only after training)
   - {{name: conv-umap, gmm: {{impl: fast}}, eval_every: 1, manifold: {{kind: umap, n_neighbors: 10}}}}
   - {{name: raw, model: {{kind: none}}}}
+  # one clusterer alone (the mixture): no KMeans anywhere in its run
+  - {{name: raw-gmm, model: {{kind: none}}, clusterers: [gmm]}}
   # a learning rate this large makes the loss NaN: a trial that validates but crashes at run time
   - {{name: broken, model: {{kind: dense, units: [16, 8, 4]}}, learning_rate: 1.0e+30, epochs: 1}}
 resources: {{cpu: 1}}
@@ -51,7 +56,7 @@ def runs_by_name(client, experiment):
 
 
 @pytest.fixture(scope="module")
-def tracked_sweep(mlflow_server, tmp_path_factory):
+def tracked_sweep(mlflow_server, on_shared_ray, tmp_path_factory):
     """One sweep of 3 tiny trials, 2 at a time, against the server; one trial crashes."""
     cwd = tmp_path_factory.mktemp("sweep")
     spec = cwd / "it.yaml"
@@ -66,9 +71,12 @@ def test_failing_trial_does_not_stop_the_others(tracked_sweep):
     res, *_ = tracked_sweep
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     table = res.stdout[res.stdout.rindex("sweep finished"):]
-    assert "conv" in table and "raw" in table
-    assert table.count("FINISHED") == 4 and table.count("FAILED") == 1
-    assert "training loss is nan" in table  # the trial's own error, not Ray's wrapper
+    rows = [line for line in table.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["conv", "conv-short", "conv-umap", "raw", "raw-gmm", "broken"]
+    assert sum("FINISHED" in r for r in rows) == 5 and sum("FAILED" in r for r in rows) == 1
+    # the trial's own error, not Ray's wrapper, in full on one line below the table
+    (said,) = [line for line in table.splitlines() if line.startswith("FAILED broken:")]
+    assert "training loss is nan" in said
 
 
 def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
@@ -108,8 +116,11 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
     assert "plots/comparison.png" in [a.path for a in client.list_artifacts(parent_id, "plots")]
     # the parent carries the sweep's best scores, so that MLflow's table sorts sweeps
     best = parents[0].data.metrics
-    assert best["best_gmm_acc"] == max(r.data.metrics["gmm_acc"] for name in ("conv", "raw", "conv-short", "conv-umap")
-                                       for r in runs[name])
+    assert best["best_gmm_acc"] == max(r.data.metrics["gmm_acc"] for name in ("conv", "raw", "conv-short", "conv-umap",
+                                                                             "raw-gmm") for r in runs[name])
+    gmm_only = runs["raw-gmm"][0]
+    assert gmm_only.info.status == "FINISHED" and not [k for k in gmm_only.data.metrics if k.startswith("kmeans")]
+    assert all(f"gmm_{s}" in gmm_only.data.metrics for s in ("acc", "acc_majority", "nmi", "ari"))
 
 
 def test_shared_training_scores_each_trial_at_its_epochs(tracked_sweep, mlflow_server):
@@ -133,18 +144,22 @@ def test_shared_training_scores_each_trial_at_its_epochs(tracked_sweep, mlflow_s
 
 
 def test_a_shared_trial_scores_as_if_run_alone(tracked_sweep, mlflow_server, run_fmc):
-    """`fmc run SPEC --trial conv-short` in a fresh process (one thread, as the Ray trial had) gives the
-    scores that conv-short got on conv's training."""
+    """`fmc run SPEC --trial conv` in a fresh process (one thread, as the Ray trial had) gives the scores
+    that conv got as its group's lead, which scored conv-short and conv-umap and its own eval_every on
+    the way. (conv-short, scored on the way, is rerun alone in test_rerun_runs_the_selected_trials_again.)"""
     _, spec, cwd, env = tracked_sweep
-    res = run_fmc("run", spec, "--trial", "conv-short", "--threads", "1", "--experiment", "alone",
+    trial = "conv"
+    res = run_fmc("run", spec, "--trial", trial, "--threads", "1", "--experiment", f"alone-{trial}",
                   env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient(mlflow_server)
-    (alone,) = runs_by_name(client, "alone")["conv-short"]
-    shared = runs_by_name(client, "it-sweep")["conv-short"][0]
+    (alone,) = runs_by_name(client, f"alone-{trial}")[trial]
+    shared = runs_by_name(client, "it-sweep")[trial][0]
     assert alone.data.tags["fmc.trial_key"] == shared.data.tags["fmc.trial_key"]
     for name in SCORE_METRICS + ["recon_mse"]:
         assert alone.data.metrics[name] == shared.data.metrics[name], name
+    # `fmc run` keeps its claim alive like a sweep's trial: a heartbeat tag, refreshed while it ran
+    assert float(alone.data.tags["fmc.heartbeat"]) >= alone.info.start_time / 1000 - 1
 
 
 def test_logged_clusterer_model_predicts_clusters(tracked_sweep, mlflow_server):
@@ -212,13 +227,64 @@ def test_umap_trial_logs_its_manifold_and_serves_raw_images(tracked_sweep, mlflo
     assert all(abs(sum(row[f"prob_{k}"] for k in range(10)) - 1) < 1e-6 for row in served)
 
 
+def test_served_umap_clusters_are_the_trials_own_and_do_not_depend_on_the_batch(tracked_sweep, mlflow_server):
+    """The trial's own images (its evaluation split) get the trial's own clusters from the logged UMAP
+    model; a new image gets the same cluster alone as inside any batch."""
+    import mlflow
+
+    from fmnist_cluster.data import load_dataset
+
+    client = MlflowClient(mlflow_server)
+    run = runs_by_name(client, "it-sweep")["conv-umap"][0]
+    labels = json.load(open(client.download_artifacts(run.info.run_id, "labels.json")))
+    assert labels["split"] == "test"
+    mlflow.set_tracking_uri(mlflow_server)
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], output_format="list",
+        filter_string=f"source_run_id = '{run.info.run_id}' and name = 'gmm_clusterer'")
+    served = mlflow.pyfunc.load_model(model.model_uri)
+    own = load_dataset(seed=0, subset=200).x_test  # the trial's data: subset 200, seed 0
+    assert served.predict(own.reshape(len(own), 784))["cluster"].tolist() == labels["gmm"]
+    new = load_dataset(seed=5, subset=300).x_train[:12]
+    batch = served.predict(new.reshape(12, 784))["cluster"].tolist()
+    alone = [served.predict(new[i:i + 1].reshape(1, 784))["cluster"].item() for i in (0, 5, 11)]
+    assert alone == [batch[0], batch[5], batch[11]]
+    again = served.predict(np.concatenate([new[5:6], own[:40]]).reshape(41, 784))["cluster"].tolist()
+    assert again[0] == batch[5] and again[1:] == labels["gmm"][:40]
+
+
 def test_rerun_skips_finished_trials(tracked_sweep, mlflow_server):
     _, spec, cwd, env = tracked_sweep
     res = subprocess.run(FMC + ["sweep", str(spec)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 1  # broken fails again
-    assert "4 of 5 trials already finished" in res.stdout
+    assert "5 of 6 trials already finished" in res.stdout
     runs = runs_by_name(MlflowClient(mlflow_server), "it-sweep")
     assert len(runs["conv"]) == 1 and len(runs["raw"]) == 1 and len(runs["broken"]) == 2
+
+
+def test_rerun_runs_the_selected_trials_again(tracked_sweep, mlflow_server, run_fmc):
+    """--rerun gives each selected trial a new run that trains and scores; the old run stays, and the
+    report counts the trial once (its newest run)."""
+    _, spec, cwd, env = tracked_sweep
+    res = subprocess.run(FMC + ["sweep", str(spec), "--rerun", "--trials", "raw,conv-short", "--no-models"],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = res.stdout[res.stdout.rindex("sweep finished"):]
+    assert table.count("FINISHED") == 2 and "SKIPPED" not in table
+    client = MlflowClient(mlflow_server)
+    runs = runs_by_name(client, "it-sweep")
+    for name in ("raw", "conv-short"):
+        old, new = sorted(runs[name], key=lambda r: r.info.start_time)
+        assert (old.info.status, new.info.status) == ("FINISHED", "FINISHED")
+        assert "kmeans_acc" in new.data.metrics and ("loss" in new.data.metrics) == (name == "conv-short")
+        # same settings, same seed: the rerun reproduces the scores; conv-short now trains alone and
+        # scores as it did on conv's shared training
+        for metric in SCORE_METRICS if name == "raw" else SCORE_METRICS + ["recon_mse"]:
+            assert new.data.metrics[metric] == old.data.metrics[metric], (name, metric)
+    csv = run_fmc("report", "it-sweep", "--format", "csv", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    rows = {line.split(",")[0]: line.split(",") for line in csv.stdout.splitlines()[1:]}
+    header = csv.stdout.splitlines()[0].split(",")
+    assert rows["raw"][header.index("n")] == "1"  # the newest run per trial key, not both
 
 
 def test_report_prints_table_and_chart(tracked_sweep, mlflow_server, run_fmc, tmp_path):
@@ -226,14 +292,67 @@ def test_report_prints_table_and_chart(tracked_sweep, mlflow_server, run_fmc, tm
                   env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert lines[0].startswith("| case | model | epochs") and len(lines) == 5  # header + conv, -short, -umap, raw
+    assert lines[0].startswith("| case | model | epochs") and len(lines) == 6  # header + conv, -short, -umap, raw, raw-gmm
     assert any(ln.startswith("| raw | raw |") for ln in lines)
     assert (tmp_path / "c.png").stat().st_size > 10_000
     csv = run_fmc("report", "it-sweep", "--format", "csv", "--chart", tmp_path / "d.png",
                   env={"MLFLOW_TRACKING_URI": mlflow_server})
     # a manifold column, as one trial of the sweep has a UMAP stage; then mean, std, min and max per score
     assert csv.stdout.splitlines()[0].startswith(
-        "case,model,epochs,eval_split,manifold,n,kmeans_acc_mean,kmeans_acc_std,kmeans_acc_min,kmeans_acc_max")
+        "case,model,epochs,eval_split,manifold,subset,n,kmeans_acc_mean,kmeans_acc_std,kmeans_acc_min,kmeans_acc_max")
+    # subset runs are not set beside the study's full-data figures
+    assert "study (Δ" not in res.stdout and "| subset |" in res.stdout
+
+
+def test_export_then_report_from_the_records_as_from_mlflow(tracked_sweep, mlflow_server, run_fmc, tmp_path):
+    """`fmc export` writes one record per finished trial run with every field; a second export adds
+    nothing; `fmc report --from` prints exactly what `fmc report` prints from MLflow, chart included."""
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    out = tmp_path / "results" / "it-sweep.jsonl"
+    res = run_fmc("export", "it-sweep", "--out", out, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    client = MlflowClient(mlflow_server)
+    finished = [r for rs in runs_by_name(client, "it-sweep").values() for r in rs
+                if r.info.status == "FINISHED" and r.data.tags.get("fmc.role") == "trial"]
+    assert sorted(r["run_id"] for r in records) == sorted(r.info.run_id for r in finished)
+    by_id = {r.info.run_id: r for r in finished}
+    for record in records:
+        run = by_id[record["run_id"]]
+        assert record["metrics"] == run.data.metrics and record["params"] == run.data.params
+        assert record["tags"] == run.data.tags and record["name"] == run.info.run_name
+        assert record["config"]["data"]["subset"] == 200 and record["trial"]["info"]["n_eval"] > 0
+        for name, matrix in record["confusion"].items():
+            assert np.array(matrix).shape == (10, 10) and np.array(matrix).sum() == record["trial"]["info"]["n_eval"]
+    conv = next(r for r in records if r["name"] == "conv")
+    assert set(conv["confusion"]) == {f"{c}_{m}" for c in ("kmeans", "gmm") for m in ("hungarian", "majority")}
+    assert len(conv["trial"]["history"]["loss"]) == 2 and conv["tags"]["fmc.cpu"]
+    again = run_fmc("export", "it-sweep", "--out", out, env=env)
+    assert again.returncode == 0 and "0 new record(s)" in again.stdout
+    assert len(out.read_text().splitlines()) == len(records)
+    for fmt in ("table", "csv"):
+        live = run_fmc("report", "it-sweep", "--format", fmt, "--chart", tmp_path / f"live-{fmt}.png", env=env)
+        saved = run_fmc("report", "--from", out, "--format", fmt, "--chart", tmp_path / f"saved-{fmt}.png")
+        assert live.returncode == 0 and saved.returncode == 0, saved.stderr[-2000:]
+        assert saved.stdout == live.stdout, fmt
+        assert (tmp_path / f"saved-{fmt}.png").read_bytes() == (tmp_path / f"live-{fmt}.png").read_bytes()
+    out.write_text(out.read_text() + '{"run_id": "cut sh')
+    broken = run_fmc("report", "--from", out)
+    assert broken.returncode == 2 and f"it-sweep.jsonl:{len(records) + 1}: not a JSON record" in broken.stderr
+
+
+def test_a_sweep_resumes_from_records_on_an_empty_store(tracked_sweep, mlflow_server, run_fmc, tmp_path):
+    """--skip-recorded: a machine whose store is empty runs only the trials the records lack."""
+    _, spec, cwd, env = tracked_sweep
+    out = tmp_path / "it-sweep.jsonl"
+    assert run_fmc("export", "it-sweep", "--out", out, env={"MLFLOW_TRACKING_URI": mlflow_server}).returncode == 0
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    res = run_fmc("sweep", spec, "--skip-recorded", out, "--tracking-uri", fresh, "--no-models",
+                  env={"MLFLOW_TRACKING_URI": fresh})
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]  # only broken ran, and failed again
+    assert f"5 of 6 trials already finished in {fresh}" in res.stdout and "recorded in" in res.stdout
+    runs = runs_by_name(MlflowClient(fresh), "it-sweep")
+    assert sorted(n for n, rs in runs.items() if rs[0].data.tags.get("fmc.role") == "trial") == ["broken"]
 
 
 def test_unreachable_server_exit_2_starts_nothing(run_fmc, tmp_path):
@@ -272,6 +391,8 @@ def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
         "resources: {cpu: 1}\nmax_concurrent: 2\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
+    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # `make sweep`'s way: a local Ray of its own
+        env.pop(k, None)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(FMC + ["sweep", str(spec), "--no-models"], cwd=tmp_path, env=env,

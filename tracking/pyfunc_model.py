@@ -4,13 +4,35 @@ Input: images as (n, 28, 28), (n, 28, 28, 1) or (n, 784) arrays (or a DataFrame 
 pixels in [0, 1] or in [0, 255] (anything above 1 is taken as 0..255). Output: a DataFrame with
 ``cluster`` (0..k-1) and, for a Gaussian mixture, ``prob_0`` .. ``prob_{k-1}``.
 Artifacts: ``clusterer`` (skops file), ``encoder`` (.keras) unless it clusters raw pixels, and
-``manifold`` when the trial had one (PCA: skops; UMAP: joblib, whose ``transform`` embeds new codes).
+``manifold`` when the trial had one (PCA: skops; UMAP: joblib).
+
+Every row is answered on its own, whatever else is in the request: PCA is a per-row map; UMAP's
+``transform`` optimises the rows of one call together, so each row is embedded alone. A row whose code
+is one of the codes UMAP was fitted on (an image of the trial's own evaluation split) gets its fitted
+embedding, hence the trial's own cluster.
 """
 
 import numpy as np
 import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
+
+
+def embed_rows(manifold, codes: np.ndarray, rtol: float = 1e-4) -> np.ndarray:
+    """(n, n_components): each row of ``codes`` embedded alone (UMAP), or as the manifold maps it."""
+    fitted, embedding = getattr(manifold, "_raw_data", None), getattr(manifold, "embedding_", None)
+    if fitted is None or embedding is None:  # PCA and other per-row maps
+        return np.asarray(manifold.transform(codes), dtype=np.float64)
+    fitted = np.asarray(fitted, dtype=np.float32)
+    out = np.empty((len(codes), embedding.shape[1]))
+    for i, row in enumerate(codes):
+        distance = np.sqrt(((fitted - row) ** 2).sum(axis=1))
+        j = int(distance.argmin())
+        if distance[j] <= rtol * (1.0 + np.linalg.norm(row)):  # a fitted image (float noise of the encoder)
+            out[i] = embedding[j]
+        else:
+            out[i] = manifold.transform(row[None, :])[0]
+    return out
 
 
 class EncoderClusterer(PythonModel):
@@ -41,8 +63,9 @@ class EncoderClusterer(PythonModel):
         if x.max(initial=0) > 1:
             x = x / 255.0
         codes = x.reshape(len(x), -1) if self.encoder is None else self.encoder.predict(x, verbose=0)
+        codes = np.asarray(codes, dtype=np.float32)
         if self.manifold is not None:
-            codes = self.manifold.transform(np.asarray(codes, dtype=np.float32))
+            codes = embed_rows(self.manifold, codes)
         codes = np.asarray(codes, dtype=np.float64)
         out = pd.DataFrame({"cluster": self.clusterer.predict(codes).astype(int)})
         if hasattr(self.clusterer, "predict_proba"):
