@@ -283,17 +283,17 @@ def sweep(
     tracker = _tracker(tracking_uri)
     planned = plan(tracker, tracker.experiment(spec_.experiment), trials, rerun=rerun, recorded=recorded)
     for name, who in planned.busy.items():
-        out.print(f"skipping {name}: another sweep is running it ({who})")
+        out.print(f"skipping {name}: another sweep is running it ({who})", soft_wrap=True)
     if not planned.todo:
         out.print(f"all {len(trials)} trials of {spec_.experiment!r} already finished"
                   f"{' or running elsewhere' if planned.busy else ''} in {tracker.uri}"
                   f"{f' or recorded in {skip_recorded}' if recorded else ''}; nothing to do"
-                  f"{'' if planned.busy else ' (--rerun runs them again)'}")
+                  f"{'' if planned.busy else ' (--rerun runs them again)'}", soft_wrap=True)
         return
     if planned.finished:
         where = f"{tracker.uri}" + (f" or recorded in {skip_recorded}" if recorded else "")
         out.print(f"{len(planned.finished)} of {len(trials)} trials already finished in {where}; "
-                  f"running the other {len(planned.todo)}")
+                  f"running the other {len(planned.todo)}", soft_wrap=True)
     start = time.perf_counter()
     try:
         outcome = run_sweep(spec_, planned.todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,

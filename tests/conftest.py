@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FMC = [sys.executable, "-m", "fmnist_cluster.cli"]
+# claims settle in half a second, not two: the test servers are on loopback (a request takes ms)
+os.environ.setdefault("FMC_CLAIM_SETTLE_SECONDS", "0.5")
 
 
 def free_port() -> int:
@@ -104,11 +106,12 @@ def wait_nodes(address: str, env: dict, n: int, procs: list[subprocess.Popen], t
     pytest.fail(f"the Ray cluster at {address} did not reach {n} nodes in {timeout} s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    """One real Ray cluster on loopback (a head node with this machine's 2 CPUs) for the sweep tests to
-    join (RAY_ADDRESS), so that each sweep does not start and stop a Ray of its own, which costs tens
-    of seconds each on a 2-core machine. The interrupt test and the scale-out tests start their own."""
+    """One real Ray cluster on loopback (a head node with this machine's CPUs) for a module's sweep
+    tests to join (RAY_ADDRESS), so that each sweep does not start and stop a Ray of its own, which
+    costs tens of seconds each on a 2-core machine; stopped before the next module (the scale-out
+    tests start clusters of their own). The interrupt test starts its own local Ray."""
     port = free_port()
     temp = Path(f"/tmp/fmc-ray-{port}")  # Ray's socket paths must stay short: not under pytest's tmp_path
     # `ray start` turns token auth on: the head, its workers and every driver share one token
@@ -137,6 +140,18 @@ def on_shared_ray(ray_cluster):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A server of this test's own, which the test may stop and start again on the same port and store."""
+    root = tmp_path / "server"
+    root.mkdir()
+    box = {"port": free_port(), "root": root}
+    box["proc"] = start_mlflow_server(root, box["port"])
+    box["url"] = f"http://127.0.0.1:{box['port']}"
+    yield box
+    stop(box["proc"])
 
 
 @pytest.fixture

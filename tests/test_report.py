@@ -1,5 +1,6 @@
 """The report pools seeds into rows and sets them beside the study's figures (pure functions on run dicts)."""
 
+import itertools
 from statistics import mean, stdev
 
 import pytest
@@ -8,8 +9,11 @@ from fmnist_cluster import report
 from fmnist_cluster.config import TrialConfig
 
 
+RUN_IDS = itertools.count()
+
+
 def run(name: str, config: TrialConfig, **metrics) -> dict:
-    return {"name": name, "run_id": name, "params": {k: str(v) for k, v in config.flat().items()},
+    return {"name": name, "run_id": f"{name}-{next(RUN_IDS)}", "params": {k: str(v) for k, v in config.flat().items()},
             "metrics": metrics, "tags": {"fmc.trial": name, "fmc.model": config.model.label()}}
 
 
@@ -80,3 +84,24 @@ def test_charts_draw_both_views(rows):
     assert "published" in literature.axes[0].get_title()
     legend = [t.get_text() for t in literature.axes[0].get_legend().get_texts()]
     assert sum(a["method"] in text for a in report.anchors() for text in legend) == len(report.anchors())
+
+
+def test_a_trial_logged_twice_counts_once_with_its_newest_run():
+    """A trial key with two finished runs (a --rerun, or `fmc run` and a sweep) is one run in the row:
+    the newest; n and the std do not count it twice."""
+    old, new = (run("case1", TrialConfig(), kmeans_acc_majority=v, kmeans_acc=v, kmeans_nmi=v) for v in (0.50, 0.56))
+    for r, start in ((old, 1000), (new, 2000)):
+        r.update(run_id=f"run-{start}", start_time=start)
+        r["tags"]["fmc.trial_key"] = TrialConfig().key()
+    other = run("case1-seed1", TrialConfig(seed=1, data={"seed": 1}), kmeans_acc_majority=0.60, kmeans_acc=0.6,
+                kmeans_nmi=0.6)
+    (row,) = report.aggregate([new, other, old])
+    assert row["n"] == 2 and row["kmeans_acc_majority_mean"] == pytest.approx(mean([0.56, 0.60]))
+
+
+def test_subset_runs_are_not_set_beside_the_studys_full_data_figures():
+    (row,) = report.aggregate([run("case1", TrialConfig(data={"subset": 1000}, batch_size=64),
+                                   kmeans_acc_majority=0.5, kmeans_acc=0.45, kmeans_nmi=0.5)])
+    assert row["subset"] == "1000" and report.study_figure(row, "kmeans_acc_majority") is None
+    assert "study:kmeans_acc_majority" not in [key for _, key in report.columns([row])]
+    assert ("subset", "subset") in report.columns([row])

@@ -19,6 +19,26 @@ from conftest import FMC, ROOT, free_port, ray_node, stop, wait_nodes
 
 pytestmark = pytest.mark.slow  # real Ray and MLflow servers, minutes: `make test-fast` leaves these out
 
+SPEC = """\
+experiment: {experiment}
+data: {{subset: 300, seed: 0}}
+defaults:
+  model: {{kind: dense, units: [32, 8]}}
+  epochs: {epochs}
+  kmeans: {{n_init: 1}}
+  clusterers: [kmeans]
+trials:
+{trials}
+resources: {{cpu: {cpu}}}
+"""
+
+
+def write(path: Path, experiment: str, n: int, epochs: int, cpu: float) -> Path:
+    trials = "\n".join(f"  - {{name: t{i}, seed: {i}}}" for i in range(n))
+    path.write_text(SPEC.format(experiment=experiment, epochs=epochs, trials=trials, cpu=cpu))
+    return path
+
+
 def children(url: str, experiment: str) -> list:
     client = MlflowClient(url)
     exp = client.get_experiment_by_name(experiment)

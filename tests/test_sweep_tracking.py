@@ -149,8 +149,9 @@ def test_a_shared_trial_scores_as_if_run_alone(tracked_sweep, mlflow_server, run
     the way. (conv-short, scored on the way, is rerun alone in test_rerun_runs_the_selected_trials_again.)"""
     _, spec, cwd, env = tracked_sweep
     trial = "conv"
+    # a short outage bound: heartbeats every second, so that the test sees `fmc run` refresh its claim
     res = run_fmc("run", spec, "--trial", trial, "--threads", "1", "--experiment", f"alone-{trial}",
-                  env={"MLFLOW_TRACKING_URI": mlflow_server})
+                  env={"MLFLOW_TRACKING_URI": mlflow_server, "FMC_TRACKING_OUTAGE_SECONDS": "10"})
     assert res.returncode == 0, res.stderr[-3000:]
     client = MlflowClient(mlflow_server)
     (alone,) = runs_by_name(client, f"alone-{trial}")[trial]
@@ -158,8 +159,8 @@ def test_a_shared_trial_scores_as_if_run_alone(tracked_sweep, mlflow_server, run
     assert alone.data.tags["fmc.trial_key"] == shared.data.tags["fmc.trial_key"]
     for name in SCORE_METRICS + ["recon_mse"]:
         assert alone.data.metrics[name] == shared.data.metrics[name], name
-    # `fmc run` keeps its claim alive like a sweep's trial: a heartbeat tag, refreshed while it ran
-    assert float(alone.data.tags["fmc.heartbeat"]) >= alone.info.start_time / 1000 - 1
+    # `fmc run` keeps its claim alive like a sweep's trial: its heartbeat was refreshed while it ran
+    assert float(alone.data.tags["fmc.heartbeat"]) >= alone.info.start_time / 1000 + 3
 
 
 def test_logged_clusterer_model_predicts_clusters(tracked_sweep, mlflow_server):
@@ -342,17 +343,19 @@ def test_export_then_report_from_the_records_as_from_mlflow(tracked_sweep, mlflo
 
 
 def test_a_sweep_resumes_from_records_on_an_empty_store(tracked_sweep, mlflow_server, run_fmc, tmp_path):
-    """--skip-recorded: a machine whose store is empty runs only the trials the records lack."""
+    """--skip-recorded: a machine whose store is empty runs only the trials the records lack (here raw,
+    whose record is taken out of the file)."""
     _, spec, cwd, env = tracked_sweep
     out = tmp_path / "it-sweep.jsonl"
     assert run_fmc("export", "it-sweep", "--out", out, env={"MLFLOW_TRACKING_URI": mlflow_server}).returncode == 0
+    out.write_text("".join(line + "\n" for line in out.read_text().splitlines() if json.loads(line)["name"] != "raw"))
     fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
-    res = run_fmc("sweep", spec, "--skip-recorded", out, "--tracking-uri", fresh, "--no-models",
-                  env={"MLFLOW_TRACKING_URI": fresh})
-    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]  # only broken ran, and failed again
-    assert f"5 of 6 trials already finished in {fresh}" in res.stdout and "recorded in" in res.stdout
+    res = run_fmc("sweep", spec, "--trials", "raw*,conv*", "--skip-recorded", out, "--tracking-uri", fresh,
+                  "--no-models", env={"MLFLOW_TRACKING_URI": fresh})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"4 of 5 trials already finished in {fresh} or recorded in {out}" in res.stdout
     runs = runs_by_name(MlflowClient(fresh), "it-sweep")
-    assert sorted(n for n, rs in runs.items() if rs[0].data.tags.get("fmc.role") == "trial") == ["broken"]
+    assert sorted(n for n, rs in runs.items() if rs[0].data.tags.get("fmc.role") == "trial") == ["raw"]
 
 
 def test_unreachable_server_exit_2_starts_nothing(run_fmc, tmp_path):
@@ -385,10 +388,10 @@ def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
     spec = tmp_path / "slow.yaml"
     spec.write_text(
         "experiment: interrupt\ndata: {subset: 600, seed: 0}\n"
-        "defaults: {model: {kind: conv, filters: [32, 16, 7]}, epochs: 6, kmeans: {n_init: 1},"
+        "defaults: {model: {kind: conv, filters: [8, 4, 4]}, epochs: 8, kmeans: {n_init: 1},"
         " gmm: {n_init: 1, covariance_type: diag}}\n"
-        "trials: [{name: a}, {name: b, seed: 1}, {name: c, seed: 2}]\n"
-        "resources: {cpu: 1}\nmax_concurrent: 2\n")
+        "trials: [{name: a}, {name: b, seed: 1}]\n"  # b waits for a: interrupted before its turn
+        "resources: {cpu: 2}\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # `make sweep`'s way: a local Ray of its own
@@ -420,7 +423,7 @@ def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     runs = runs_by_name(client, "interrupt")
-    for name in "abc":
+    for name in "ab":
         assert [r.info.status for r in runs[name]].count("FINISHED") == 1, (name, runs[name])
     again = subprocess.run(FMC + ["sweep", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "all 3 trials of 'interrupt' already finished" in again.stdout

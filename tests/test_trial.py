@@ -104,3 +104,30 @@ def test_a_single_clusterer_runs_with_eval_every(run_fmc):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("│")]
     assert rows == ["gmm"], res.stdout
+
+
+def test_a_trials_scoring_failure_during_training_fails_that_trial_only(small, monkeypatch):
+    """In a group sharing one training, scoring one trial's codes during eval_every fails (as a mixture
+    whose component collapses would): that trial is handed over once as failed, the other is scored at
+    every epoch and finishes, and training stops once no trial needs more epochs."""
+    from fmnist_cluster import trial
+    from fmnist_cluster.trial import run_group
+
+    score = trial._score_codes
+
+    def collapsing(config, state, clusterers):
+        if config.manifold.kind == "pca":
+            raise ValueError("Fitting the mixture model failed: ill-defined empirical covariance")
+        return score(config, state, clusterers)
+
+    monkeypatch.setattr(trial, "_score_codes", collapsing)
+    base = {"model": {"kind": "dense", "units": [32, 8]}, "eval_every": 1, "clusterers": ["kmeans"]}
+    short, failing = tiny(**base, epochs=2), tiny(**base, epochs=4, manifold={"kind": "pca", "n_components": 4})
+    handed, epochs = [], []
+    run_group([short, failing], data=small, threads=2, figures=False, on_epoch=lambda e, v: epochs.append(e),
+              on_result=lambda config, result, error: handed.append((config.epochs, result, error)))
+    (failed,) = [(e, err) for e, r, err in handed if err is not None]
+    assert failed[0] == 4 and "ill-defined" in str(failed[1])
+    ((_, result, _),) = [h for h in handed if h[2] is None]
+    assert result.config == short and sorted(result.evals) == [1, 2]
+    assert epochs == [1, 2]  # the failed trial's two remaining epochs were not trained
