@@ -306,7 +306,7 @@ def sweep(
                                     if t.config.key() in recorded else "finished earlier") for t in planned.finished]
     outcome.trials += [TrialOutcome(name, "SKIPPED", error=f"running in another sweep: {who}")
                        for name, who in planned.busy.items()]
-    _print_outcome(trial_rows(outcome), time.perf_counter() - start)
+    _print_outcome(trial_rows(outcome), time.perf_counter() - start, interrupted=outcome.interrupted)
     out.print(f"MLflow: {tracker.uri}, experiment {spec_.experiment!r}, parent run {outcome.parent_run_id}")
     for warning in outcome.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
@@ -328,12 +328,12 @@ def _select(trials: list, patterns: str, spec: Path) -> list:
     return [t for t in trials if any(fnmatchcase(t.name, p) for p in wanted)]
 
 
-def _print_outcome(rows: list[dict], seconds: float) -> None:
+def _print_outcome(rows: list[dict], seconds: float, *, interrupted: bool = False) -> None:
     """The final table, one line per trial (long errors cut there), then each failed trial's error in
     full on one line of its own."""
     from fmnist_cluster.metrics import score_names
 
-    table = Table(title=f"sweep finished in {seconds:.0f}s")
+    table = Table(title=f"sweep {'interrupted after' if interrupted else 'finished in'} {seconds:.0f}s")
     keys = ["trial", "status"] + score_names(scores=("acc", "acc_majority", "nmi"))
     for k in keys + ["seconds"]:
         table.add_column(k.replace("_acc_majority", " acc_maj").replace("kmeans", "km"), no_wrap=True,

@@ -203,7 +203,6 @@ class FastGaussianMixture:
         ops = self._keras.ops
         n, d = X.shape[0], X.shape[1] - 1
         Xd = X[:, 1:]
-        R, K = resp.shape[0], resp.shape[2]
         kind = self.covariance_type
         nk = ops.sum(resp, axis=1) + 10 * np.finfo(self.dtype).eps  # (R, K)
         means = ops.einsum("rnk,nd->rkd", resp, Xd) / nk[..., None]  # (R, K, d)

@@ -272,6 +272,8 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         grid = tuner.fit()
         seen = set()
         for res in grid:
+            if not res.config:  # a Ray trial interrupted before it started has no config: 'not started' below
+                continue
             reported = (res.metrics or {}).get("trials") or {}
             for member in res.config["trial"]["members"]:
                 name = member["name"]

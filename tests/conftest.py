@@ -39,12 +39,12 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process group we started, by its id."""
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """Stop a process group we started, by its id: SIGTERM, then SIGKILL after ``grace`` seconds."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -80,6 +80,8 @@ def mlflow_server(tmp_path_factory):
         stop(proc)
 
 
+# `ray start --block` takes ~30 s to stop gracefully; a test's Ray holds nothing worth that
+RAY_GRACE = 3
 RAY = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"]
 
 
@@ -125,7 +127,7 @@ def ray_cluster(tmp_path_factory):
         wait_nodes(f"127.0.0.1:{port}", env, 1, [head])
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", **auth}
     finally:
-        stop(head)
+        stop(head, grace=RAY_GRACE)
 
 
 @pytest.fixture(scope="module")

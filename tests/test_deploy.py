@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FMC, ROOT, free_port, stop, wait_http
+from conftest import FMC, RAY_GRACE, ROOT, free_port, stop, wait_http
 
 COMPOSE = ROOT / "docker-compose.yml"
 SECRETS = {"POSTGRES_PASSWORD": "pg-Secret-1", "MLFLOW_TRACKING_PASSWORD": "mlflow-Secret-2",
@@ -313,7 +313,7 @@ def test_native_smoke(resolved, postgres, tmp_path):
         stored = {p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
         assert {"config.json", "kmeans_hungarian.json", "MLmodel"} <= stored
     finally:
-        stop(ray_proc)
+        stop(ray_proc, grace=RAY_GRACE)
         stop(mlflow_proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

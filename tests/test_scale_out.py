@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from conftest import FMC, ROOT, free_port, ray_node, stop, wait_nodes
+from conftest import FMC, RAY_GRACE, ROOT, free_port, ray_node, stop, wait_nodes
 
 pytestmark = pytest.mark.slow  # real Ray and MLflow servers, minutes: `make test-fast` leaves these out
 
@@ -82,7 +82,7 @@ def test_sweep_on_a_two_node_ray_cluster_with_token_auth(mlflow_server, tmp_path
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     finally:
         for proc in reversed(nodes):
-            stop(proc)
+            stop(proc, grace=RAY_GRACE)
     runs = children(mlflow_server, "two-nodes")
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
     placed = {r.data.tags["fmc.node"] for r in runs}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -414,6 +415,8 @@ def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    first = (tmp_path / "first.log").read_text()
+    assert "sweep interrupted after" in first and re.search(r"│ b +│ KILLED .*not started", first), first[-3000:]
     runs = runs_by_name(client, "interrupt")
     statuses = {name: [r.info.status for r in rs] for name, rs in runs.items()}
     assert not any("RUNNING" in s for s in statuses.values()), statuses
@@ -426,4 +429,4 @@ def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
     for name in "ab":
         assert [r.info.status for r in runs[name]].count("FINISHED") == 1, (name, runs[name])
     again = subprocess.run(FMC + ["sweep", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and "all 3 trials of 'interrupt' already finished" in again.stdout
+    assert again.returncode == 0 and "all 2 trials of 'interrupt' already finished" in again.stdout, again.stdout

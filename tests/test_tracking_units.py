@@ -125,6 +125,56 @@ def test_server_message_keeps_what_the_server_said():
     assert status_code(err) == 400 and server_message(err) == "HTTP 400: Param value too long"
 
 
+def _loopback_server(answer: bytes | None):
+    """A one-connection loopback server that answers ``answer`` (raw HTTP) or nothing at all."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        if answer is not None:
+            conn.sendall(answer)
+            conn.close()
+        else:
+            time.sleep(3)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", listener
+
+
+def test_fmcs_own_rest_calls_are_worded_as_mlflows():
+    """fmc's one-shot calls (create run, heartbeat) fail with MLflow's wording, so that the delivery
+    buffer waits out a 502 and a dead server and refuses a 400 with the server's message."""
+    from tracking.trial_logger import _post_once
+
+    body = b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "No experiment 42"}'
+    for status, transient in ((b"502 Bad Gateway", True), (b"400 Bad Request", False)):
+        uri, listener = _loopback_server(b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        with pytest.raises(RuntimeError) as err:
+            _post_once(uri, "runs/create", {"experiment_id": "42"}, timeout=10)
+        listener.close()
+        assert is_transient(err.value) is transient
+        assert server_message(err.value) == f"HTTP {status[:3].decode()}: No experiment 42"
+    uri, listener = _loopback_server(None)
+    listener.close()  # nobody listens now: refused
+    with pytest.raises(OSError) as err:
+        _post_once(uri, "runs/create", {}, timeout=5)
+    assert is_transient(err.value)
+
+
+def test_a_silent_server_is_reported_as_such_not_as_refused():
+    from tracking.store import TrackingError, check_server
+
+    uri, listener = _loopback_server(None)
+    with pytest.raises(TrackingError, match=r"unreachable \(no answer within 1 s\)"):
+        check_server(uri, timeout=1)
+    listener.close()
+
+
 # ---------------------------------------------------------------- claims
 
 

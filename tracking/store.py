@@ -107,6 +107,8 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
                         TimeoutError)):
         return True
+    if isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError):
+        return True  # fmc's own REST calls: no connection
     text = str(err)
     if "database is locked" in text:
         return True
@@ -148,8 +150,10 @@ def auth_headers() -> dict[str, str]:
     return {}
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingError unless the server at ``uri`` answers an authenticated MLflow API call."""
+def check_server(uri: str, timeout: float = 30.0) -> None:
+    """Raise TrackingError unless the server at ``uri`` answers an authenticated MLflow API call. A
+    refused connection fails at once; the timeout is for a server that is up but slow (a loaded
+    machine, basic auth hashing the password), which must not be taken for a dead one."""
     base = uri.rstrip("/")
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
                                      headers=auth_headers())
@@ -164,6 +168,8 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow server {uri} answered HTTP {err.code}: {hint or ' '.join(body.split())}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            reason = f"no answer within {timeout:g} s"
         raise TrackingError(f"MLflow server {uri} is unreachable ({reason}); start it or fix "
                             "--tracking-uri / MLFLOW_TRACKING_URI") from None
     if not body.lstrip().startswith(b"{"):  # something answers HTTP there, but not MLflow's JSON API

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -103,17 +104,20 @@ class TrialLogger:
         if self.ctx.commit:
             tags["mlflow.source.git.commit"] = self.ctx.commit
 
-        def create():
-            # a create_run whose answer was lost (502/504) may have been committed: find it, do not add one
+        def create() -> tuple[str, int]:
+            # a create_run whose answer was lost (502/504) may have been committed: find it, do not add
+            # one. The create itself goes once per attempt (MLflow's own retries would repeat the POST).
             found = search(self.client, self.ctx.experiment_id, f"tags.`fmc.attempt` = '{attempt}'")
-            return found[0] if found else self.client.create_run(self.ctx.experiment_id, run_name=self.name, tags=tags)
+            if found:
+                return found[0].info.run_id, found[0].info.start_time
+            return _create_run_once(self.ctx.uri, self.ctx.experiment_id, self.name, tags)
 
-        run = self.delivery.send("the trial's run", create, wait=True)
-        self.run_id, self.start_time = run.info.run_id, run.info.start_time
+        self.run_id, self.start_time = self.delivery.send("the trial's run", create, wait=True)
+        run_id = self.run_id
         if claim:
             who = self.delivery.send("the trial's claim", self._claim, wait=True)
             if who:
-                self.delivery.send("withdrawing the claim", lambda: self.client.delete_run(run.info.run_id), wait=True)
+                self.delivery.send("withdrawing the claim", lambda: self.client.delete_run(run_id), wait=True)
                 self.run_id, self.finished = None, True
                 return who
         self._heartbeat = claims.Heartbeat(self.heartbeat, self.ctx.heartbeat_every).start()
@@ -329,16 +333,38 @@ class TrialLogger:
         return False
 
 
+def _post_once(uri: str, endpoint: str, body: dict, *, timeout: float) -> dict:
+    """One POST to the MLflow REST API, without retries; the answer's JSON."""
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/{endpoint}", method="POST",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **auth_headers()})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as err:  # worded as MLflow words it, for is_transient and server_message
+        body = err.read().decode(errors="replace")[:1000]
+        raise RuntimeError(f"API request to endpoint /api/2.0/mlflow/{endpoint} failed with error code "
+                           f"{err.code} != 200. Response body: '{body}'") from None
+
+
+def _create_run_once(uri: str, experiment_id: str, name: str, tags: dict[str, str]) -> tuple[str, int]:
+    """A new run, asked for once: (run id, start time)."""
+    if not is_http(uri):
+        run = client(uri).create_run(experiment_id, run_name=name, tags=tags)
+        return run.info.run_id, run.info.start_time
+    info = _post_once(uri, "runs/create", {
+        "experiment_id": experiment_id, "run_name": name, "start_time": int(time.time() * 1000),
+        "user_id": tags.get("mlflow.user", "unknown"),
+        "tags": [{"key": k, "value": v} for k, v in tags.items()]}, timeout=60)["run"]["info"]
+    return info["run_id"], int(info["start_time"])
+
+
 def _set_tag_now(uri: str, run_id: str, key: str, value: str, *, timeout: float) -> None:
     """One tag, now, with a short timeout and no retries (heartbeats must not hang behind a dead server)."""
     if not is_http(uri):
         client(uri).set_tag(run_id, key, value)
         return
-    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/runs/set-tag", method="POST",
-                                     data=json.dumps({"run_id": run_id, "key": key, "value": value}).encode(),
-                                     headers={"Content-Type": "application/json", **auth_headers()})
-    with urllib.request.urlopen(request, timeout=timeout):
-        pass
+    _post_once(uri, "runs/set-tag", {"run_id": run_id, "key": key, "value": value}, timeout=timeout)
 
 
 def _save_manifold(reducer, folder: str) -> str:
