@@ -21,6 +21,9 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", envvar="FMC_DATA_
                                                   help="Folder of the four Fashion-MNIST IDX .gz files.")]
 TrackingUri = Annotated[Optional[str], typer.Option(
     "--tracking-uri", help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")]
+SystemMetrics = Annotated[bool, typer.Option(
+    help="Log each trial's CPU, memory, disk, network (and GPU) use as MLflow system metrics "
+         "(every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10).")]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -98,6 +101,7 @@ def run(
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the backend.")] = None,
+    system_metrics: SystemMetrics = True,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the backends' own log lines.")] = False,
 ) -> None:
     """Run one trial without Ray: from flags, or trial NAME of a sweep file with flags on top."""
@@ -147,10 +151,11 @@ def run(
         raise fail(f"invalid trial settings: {problems}") from None
     name = trial or f"{config.model.label()}-e{config.epochs}-seed{config.seed}"
     _run_one(config, name, experiment or "fmc-run", track=track, tracking_uri=tracking_uri,
-             data_dir=data_dir, threads=threads)
+             data_dir=data_dir, threads=threads, system_metrics=system_metrics)
 
 
-def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, data_dir, threads) -> None:
+def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, data_dir, threads,
+             system_metrics: bool = True) -> None:
     from fmnist_cluster.data import DataError, load_dataset
     from fmnist_cluster.trial import run_trial
     from tracking import TrackingError
@@ -166,7 +171,8 @@ def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, d
         from tracking import TrialLogger
 
         tracker = _tracker(tracking_uri)
-        logger = TrialLogger(tracker.context(tracker.experiment(experiment), None, experiment), name, config)
+        logger = TrialLogger(tracker.context(tracker.experiment(experiment), None, experiment), name, config,
+                             system_metrics=system_metrics)
     progress = "auto" if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
     try:
         if logger:
@@ -217,6 +223,7 @@ def sweep(
     skip_recorded: Annotated[Optional[Path], typer.Option(
         help="Also skip trials whose key has a record in this file (fmc export): resume on an empty store.")] = None,
     models: Annotated[bool, typer.Option(help="Log the models (autoencoder, pyfunc clusterers).")] = True,
+    system_metrics: SystemMetrics = True,
     tracking_uri: TrackingUri = None,
     data_dir: DataDir = None,
     storage_path: Annotated[Optional[str], typer.Option(
@@ -299,7 +306,8 @@ def sweep(
         outcome = run_sweep(spec_, planned.todo, tracker=tracker, address=address, cpu=cpu, gpu=gpu,
                             max_concurrent=max_concurrent, data_dir=str(data_dir) if data_dir else None,
                             storage_path=storage_path, log_models=models, share_training=share_training,
-                            num_gpus=num_gpus, verbose=2 if verbose else 1, rerun=rerun)
+                            num_gpus=num_gpus, verbose=2 if verbose else 1, rerun=rerun,
+                            system_metrics=system_metrics)
     except TrackingError as e:
         raise fail(f"{e}", 1) from None
     outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="recorded in " + str(skip_recorded)
@@ -308,6 +316,8 @@ def sweep(
                        for name, who in planned.busy.items()]
     _print_outcome(trial_rows(outcome), time.perf_counter() - start, interrupted=outcome.interrupted)
     out.print(f"MLflow: {tracker.uri}, experiment {spec_.experiment!r}, parent run {outcome.parent_run_id}")
+    if outcome.registered:
+        out.print(f"Model registry: {outcome.registered}", highlight=False, soft_wrap=True)
     for warning in outcome.warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if outcome.interrupted:

@@ -242,6 +242,26 @@ class Trial(_Strict):
     config: TrialConfig
 
 
+class Select(_Strict):
+    """Which trial's clusterer a sweep registers as ``models:/<experiment>@best``: the finished trial
+    with the best ``metric`` (a clusterer's score, e.g. ``gmm_nmi``; the model is that clusterer's)."""
+
+    metric: str = "gmm_nmi"
+    mode: Literal["max", "min"] = "max"
+
+    @model_validator(mode="after")
+    def _a_clusterer_score(self) -> Select:
+        from fmnist_cluster.metrics import score_names
+
+        if self.metric not in score_names():
+            raise ValueError(f"metric {self.metric!r} is not a clusterer's score; one of {', '.join(score_names())}")
+        return self
+
+    @property
+    def clusterer(self) -> str:
+        return self.metric.split("_", 1)[0]
+
+
 class Sweep(_Strict):
     experiment: str = Field(min_length=1)
     data: DataConfig = DataConfig()
@@ -253,6 +273,7 @@ class Sweep(_Strict):
     seeds: tuple[Annotated[int, Field(ge=0)], ...] = ()
     resources: Resources = Resources()
     max_concurrent: PositiveInt | None = None
+    select: Select = Select()
     source: str = Field("", exclude=True)  # the file text, logged with the parent run
     path: str = Field("", exclude=True)
 

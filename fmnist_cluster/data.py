@@ -221,3 +221,21 @@ def split_sizes(subset: int | None = None) -> tuple[int, int, int]:
 def normalise(images: np.ndarray) -> np.ndarray:
     """uint8 (n, 28, 28) or (n, 784) -> float32 (n, 28, 28, 1) in [0, 1]."""
     return (np.asarray(images, dtype=np.float32) / 255.0).reshape(-1, 28, 28, 1)
+
+
+def dataset_inputs(seed: int, subset: int | None, eval_split: str) -> list[dict]:
+    """What a trial reads, as MLflow dataset inputs: the images it trains on (context ``training``)
+    and those it clusters and scores (context ``evaluation``). The digest follows from the four files'
+    checksums (checked on every load) and the split (seed, subset), so two runs that show the same
+    digest read the same images; the profile gives the counts."""
+    files = "".join(sha for _, _, sha in FILES.values())
+    train, val, test = split_sizes(subset)
+    scored = {"test": test, "train": train + val, "all": train + val + test}[eval_split]
+    split = f"seed {seed}, {'all images' if subset is None else f'subset {subset}'}"
+
+    def record(name: str, context: str, part: str, profile: dict) -> dict:
+        digest = hashlib.sha256(f"{files}|{part}|seed={seed}|subset={subset}".encode()).hexdigest()[:16]
+        return {"name": name, "digest": digest, "context": context, "split": split, "profile": profile}
+
+    return [record("fashion-mnist-train", "training", "train", {"train": train, "validation": val}),
+            record(f"fashion-mnist-{eval_split}", "evaluation", eval_split, {"images": scored})]

@@ -37,6 +37,7 @@ class SweepOutcome:
     interrupted: bool = False
     parent_run_id: str | None = None
     warnings: list[str] = field(default_factory=list)  # what the store refused of the parent run
+    registered: str | None = None  # what became of models:/<experiment>@best
 
     @property
     def failed(self) -> bool:
@@ -93,7 +94,7 @@ def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:500]
 
 
-def _trainable(param: dict, datasets: dict, ctx, log_models: bool) -> None:
+def _trainable(param: dict, datasets: dict, ctx, log_models: bool, system_metrics: bool = True) -> None:
     """Ray Tune function trainable: one group of trials (one training), one child run per trial.
 
     One trial's failure (its scoring, its logging refused by the store) fails that trial only: its
@@ -114,7 +115,7 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool) -> None:
     names = {config.key(): name for name, config in group}
     loggers: dict[str, TrialLogger] = {}  # trial key -> logger of the trials still open
     for name, config in group:
-        log = TrialLogger(ctx, name, config, log_models=log_models, tags=tags)
+        log = TrialLogger(ctx, name, config, log_models=log_models, tags=tags, system_metrics=system_metrics)
         try:
             holder = log.start(claim=True)
         except TrackingOutage:
@@ -197,14 +198,14 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool) -> None:
 FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                  "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "FMC_DATA_DIR",
                  "FMC_TRACKING_OUTAGE_SECONDS", "FMC_CLAIM_TTL_SECONDS", "FMC_CLAIM_SETTLE_SECONDS",
-                 "TF_CPP_MIN_LOG_LEVEL", "FMC_VERBOSE")
+                 "TF_CPP_MIN_LOG_LEVEL", "FMC_VERBOSE", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
 
 
 def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None = None,
               cpu: float | None = None, gpu: float | None = None, max_concurrent: int | None = None,
               data_dir: str | None = None, storage_path: str | None = None, log_models: bool = True,
               share_training: bool = True, num_gpus: int | None = None, verbose: int = 1,
-              rerun: bool = False) -> SweepOutcome:
+              rerun: bool = False, system_metrics: bool = True) -> SweepOutcome:
     """Run ``trials`` (the ``todo`` of :func:`plan`) of ``sweep`` on Ray Tune; return what happened to each.
 
     The tracker must be checked by the caller; this opens the parent run, runs the trials, closes the
@@ -250,7 +251,8 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
                      runtime_env={"env_vars": env_vars} if env_vars else None)
         resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, datasets=datasets, ctx=ctx, log_models=log_models), resources)
+            tune.with_parameters(_trainable, datasets=datasets, ctx=ctx, log_models=log_models,
+                                 system_metrics=system_metrics), resources)
         # the status table shows each Ray trial's name (its longest trial, '+N' scored on the way)
         reporter = tune.CLIReporter(metric_columns=PROGRESS_COLUMNS, max_report_frequency=30,
                                     parameter_columns={"trial/name": "trial"}, print_intermediate_tables=True)
@@ -304,6 +306,12 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         except Exception:  # noqa: BLE001 - the store is down: close the parent without the summary figures
             runs = []
         errors = {t.name: t.error for t in outcome.trials if t.status == "FAILED" and t.error}
+        if runs and log_models and not outcome.interrupted:  # the best clusterer as models:/<experiment>@best
+            try:
+                outcome.registered = tracker.register_best(sweep.experiment, runs, sweep.select.metric,
+                                                           sweep.select.mode, ctx.parent_run_id)
+            except Exception as error:  # noqa: BLE001 - the registry refused: the sweep's results stand
+                outcome.warnings.append(f"registering the best model: {' '.join(str(error).split())[:300]}")
         outcome.warnings += tracker.end_parent(ctx, status, table=table, figures=_comparison(runs),
                                                metrics=best_scores(runs), errors=errors)
     return outcome

@@ -62,7 +62,9 @@ def tracked_sweep(mlflow_server, on_shared_ray, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sweep")
     spec = cwd / "it.yaml"
     spec.write_text(SWEEP.format(experiment="it-sweep"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_server}
+    # system metrics every second: these trials last seconds, not the default 10
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": mlflow_server,
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     res = subprocess.run(FMC + ["sweep", str(spec), "--max-concurrent", "2"], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=900)
     return res, spec, cwd, env
@@ -122,6 +124,46 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
     gmm_only = runs["raw-gmm"][0]
     assert gmm_only.info.status == "FINISHED" and not [k for k in gmm_only.data.metrics if k.startswith("kmeans")]
     assert all(f"gmm_{s}" in gmm_only.data.metrics for s in ("acc", "acc_majority", "nmi", "ari"))
+
+
+def test_runs_show_their_datasets_and_models_their_scores(tracked_sweep, mlflow_server):
+    """Every trial logs what it read as MLflow dataset inputs (the runs table's Dataset column), with a
+    digest from the files' checksums and the split; each clusterer model carries its scores, so that
+    search_logged_models (the Models page) orders models by a score."""
+    import mlflow
+
+    from fmnist_cluster.data import dataset_inputs
+
+    client = MlflowClient(mlflow_server)
+    runs = runs_by_name(client, "it-sweep")
+    expected = dataset_inputs(0, 200, "test")
+    assert [d["context"] for d in expected] == ["training", "evaluation"]
+    for name in ("conv", "raw", "broken"):  # a failed trial too: it read the same images
+        run = client.get_run(runs[name][0].info.run_id)
+        got = sorted((d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+                     for d in run.inputs.dataset_inputs)
+        assert got == sorted((d["name"], d["digest"], d["context"]) for d in expected), (name, got)
+    # another split is another digest: the same name never hides different images
+    digests = {d["digest"] for seed, subset in ((0, 200), (1, 200), (0, 400), (0, None))
+               for d in dataset_inputs(seed, subset, "test")}
+    assert len(digests) == 8
+
+    mlflow.set_tracking_uri(mlflow_server)
+    exp = runs["conv"][0].info.experiment_id
+    models = mlflow.search_logged_models(experiment_ids=[exp], filter_string="name = 'gmm_clusterer'",
+                                         order_by=[{"field_name": "metrics.gmm_nmi", "ascending": False}],
+                                         output_format="list")
+    by_run = {r.info.run_id: r for rs in runs.values() for r in rs}
+    scored = [(by_run[m.source_run_id].info.run_name, {x.key: x.value for x in m.metrics}) for m in models]
+    assert sorted(name for name, _ in scored) == ["conv", "conv-short", "conv-umap", "raw", "raw-gmm"]
+    values = [metrics["gmm_nmi"] for _, metrics in scored]
+    assert values == sorted(values, reverse=True)
+    for name, metrics in scored:  # the model's scores are its trial's
+        run = runs[name][0]
+        assert all(metrics[k] == run.data.metrics[k] for k in SCORE_METRICS if k.startswith("gmm_")), name
+    # on the images it clustered
+    (m,) = [m for m in models if m.source_run_id == runs["raw"][0].info.run_id]
+    assert {(x.dataset_name, x.dataset_digest) for x in m.metrics} == {(expected[1]["name"], expected[1]["digest"])}
 
 
 def test_shared_training_scores_each_trial_at_its_epochs(tracked_sweep, mlflow_server):
@@ -255,6 +297,39 @@ def test_served_umap_clusters_are_the_trials_own_and_do_not_depend_on_the_batch(
     assert again[0] == batch[5] and again[1:] == labels["gmm"][:40]
 
 
+def test_the_best_clusterer_is_registered_and_the_alias_moves_only_when_beaten(tracked_sweep, mlflow_server):
+    """The sweep registers its best trial's mixture (select's default: gmm_nmi, max) as models:/it-sweep@best,
+    which loads and clusters raw images; the same runs again keep the alias, a better one moves it."""
+    import mlflow
+
+    from fmnist_cluster.data import load_dataset
+    from tracking import Tracker
+
+    res = tracked_sweep[0]
+    assert "Model registry: registered" in res.stdout and "models:/it-sweep@best" in res.stdout, res.stdout[-2000:]
+    client = MlflowClient(mlflow_server)
+    trials = [r for rs in runs_by_name(client, "it-sweep").values() for r in rs
+              if r.info.status == "FINISHED" and "gmm_nmi" in r.data.metrics]
+    best = max(trials, key=lambda r: r.data.metrics["gmm_nmi"])
+    held = client.get_model_version_by_alias("it-sweep", "best")
+    assert (held.version, held.run_id, held.tags["fmc.trial"]) == ("1", best.info.run_id, best.info.run_name)
+    mlflow.set_tracking_uri(mlflow_server)
+    images = load_dataset(seed=1, subset=50).x_test[:5]
+    out = mlflow.pyfunc.load_model("models:/it-sweep@best").predict(images.reshape(5, 784))
+    assert len(out) == 5 and out["cluster"].between(0, 9).all()
+
+    tracker = Tracker(mlflow_server)
+    records = [r for r in tracker.trial_runs(best.info.experiment_id) if "gmm_nmi" in r["metrics"]]
+    said = tracker.register_best("it-sweep", records, "gmm_nmi", "max")
+    assert said.startswith("it-sweep@best stays version 1"), said
+    other = next(r for r in records if r["run_id"] != best.info.run_id)
+    other["metrics"]["gmm_nmi"] = 2.0  # as if a later sweep's trial scored better
+    said = tracker.register_best("it-sweep", records, "gmm_nmi", "max")
+    moved = client.get_model_version_by_alias("it-sweep", "best")
+    assert (moved.version, moved.run_id) == ("2", other["run_id"]), said
+    assert len(client.search_model_versions("name = 'it-sweep'")) == 2
+
+
 def test_rerun_skips_finished_trials(tracked_sweep, mlflow_server):
     _, spec, cwd, env = tracked_sweep
     res = subprocess.run(FMC + ["sweep", str(spec)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -268,7 +343,8 @@ def test_rerun_runs_the_selected_trials_again(tracked_sweep, mlflow_server, run_
     """--rerun gives each selected trial a new run that trains and scores; the old run stays, and the
     report counts the trial once (its newest run)."""
     _, spec, cwd, env = tracked_sweep
-    res = subprocess.run(FMC + ["sweep", str(spec), "--rerun", "--trials", "raw,conv-short", "--no-models"],
+    res = subprocess.run(FMC + ["sweep", str(spec), "--rerun", "--trials", "raw,conv-short", "--no-models",
+                                "--no-system-metrics"],
                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = res.stdout[res.stdout.rindex("sweep finished"):]
@@ -279,6 +355,9 @@ def test_rerun_runs_the_selected_trials_again(tracked_sweep, mlflow_server, run_
         old, new = sorted(runs[name], key=lambda r: r.info.start_time)
         assert (old.info.status, new.info.status) == ("FINISHED", "FINISHED")
         assert "kmeans_acc" in new.data.metrics and ("loss" in new.data.metrics) == (name == "conv-short")
+        # system metrics by default; --no-system-metrics turns them off
+        system = [[k for k in r.data.metrics if k.startswith("system/")] for r in (old, new)]
+        assert "system/cpu_utilization_percentage" in system[0] and system[1] == [], (name, system)
         # same settings, same seed: the rerun reproduces the scores; conv-short now trains alone and
         # scores as it did on conv's shared training
         for metric in SCORE_METRICS if name == "raw" else SCORE_METRICS + ["recon_mse"]:

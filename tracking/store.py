@@ -232,11 +232,16 @@ def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(mlflow_client, run_id: str, values: dict[str, float], step: int = 0,
-                timestamp: int | None = None) -> None:
+                timestamp: int | None = None, *, model_id: str | None = None,
+                dataset: tuple[str, str] | None = None) -> None:
+    """Metrics in batches; with ``model_id`` (and ``dataset``: name, digest) they are also the
+    LoggedModel's scores, on that dataset (MLflow 3's Models page)."""
     from mlflow.entities import Metric
 
     now = timestamp or int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in values.items()]
+    name, digest = dataset or (None, None)
+    items = [Metric(k, float(v), now, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+             for k, v in values.items()]
     for i in range(0, len(items), 1000):
         mlflow_client.log_batch(run_id, metrics=items[i:i + 1000])
 

@@ -5,6 +5,7 @@ a sweep's parent run, and read finished trial runs for reports and exports."""
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import time
 from typing import Any
@@ -144,6 +145,48 @@ class Tracker:
         delivery.send("the end of the sweep's parent run",
                       lambda: self._c.set_terminated(ctx.parent_run_id, status), wait=True)
         return refused
+
+    def register_best(self, name: str, runs: list[dict[str, Any]], metric: str, mode: str,
+                      sweep_run_id: str | None = None) -> str:
+        """Register the clusterer model of the best of ``runs`` (finished trial runs, as from
+        :meth:`trial_runs`) by ``metric`` as a new version of registered model ``name`` and point its
+        alias ``best`` at it, unless the version ``best`` points at already scores as well on the
+        same metric (ties keep the older). Returns one line saying what was done."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        sign = 1 if mode == "max" else -1
+        scored = [r for r in runs if metric in r["metrics"]]
+        if not scored:
+            return f"no finished trial has {metric}: nothing registered as {name}@best"
+        best = max(scored, key=lambda r: (sign * r["metrics"][metric], -r["start_time"]))
+        value, clusterer = best["metrics"][metric], metric.split("_", 1)[0]
+        mlflow.set_tracking_uri(self.uri)
+        found = mlflow.search_logged_models(
+            experiment_ids=[self._c.get_run(best["run_id"]).info.experiment_id], output_format="list",
+            filter_string=f"source_run_id = '{best['run_id']}' AND name = '{clusterer}_clusterer'")
+        model = next((m for m in found if str(getattr(m.status, "value", m.status)) == "READY"), None)
+        if model is None:
+            return (f"best trial {best['name']} by {metric} has no {clusterer} model (logged with --no-models?): "
+                    f"nothing registered as {name}@best")
+        try:
+            current = self._c.get_model_version_by_alias(name, "best")
+        except MlflowException:  # no such model or alias yet
+            current = None
+        if current is not None and current.tags.get("fmc.metric") == metric:
+            held = float(current.tags.get("fmc.value", "nan"))
+            if current.run_id == best["run_id"] or not sign * value > sign * held:
+                return (f"{name}@best stays version {current.version} ({current.tags.get('fmc.trial')}, {metric} "
+                        f"{held:.4f}; this sweep's best: {best['name']}, {value:.4f})")
+        tags = {"fmc.metric": metric, "fmc.mode": mode, "fmc.value": repr(value), "fmc.trial": best["name"],
+                "fmc.trial_key": best["tags"].get(TRIAL_KEY, ""), "fmc.clusterer": clusterer}
+        if sweep_run_id:
+            tags["fmc.sweep_run"] = sweep_run_id
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow's own "Created version" lines: fmc says it below
+            version = mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
+        self._c.set_registered_model_alias(name, "best", version.version)
+        return (f"registered {best['name']}'s {clusterer} clusterer ({metric} {value:.4f}) as {name} version "
+                f"{version.version}: models:/{name}@best")
 
     def trial_runs(self, experiment_id: str) -> list[dict[str, Any]]:
         """FINISHED trial runs as plain dicts {name, run_id, start_time, params, metrics, tags} for

@@ -76,7 +76,7 @@ class TrialLogger:
     """
 
     def __init__(self, ctx: RunContext, name: str, config, *, log_models: bool = True,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, system_metrics: bool = True):
         self.ctx, self.name, self.config, self.log_models = ctx, name, config, log_models
         self.extra_tags = tags or {}
         self.client = client(ctx.uri)
@@ -86,6 +86,8 @@ class TrialLogger:
         self.start_time: int | None = None
         self.finished = False
         self._heartbeat: claims.Heartbeat | None = None
+        self.system_metrics = system_metrics
+        self._monitor = None
 
     # ------------------------------------------------------------------ start: run and claim
     def start(self, *, claim: bool = False) -> str | None:
@@ -121,10 +123,14 @@ class TrialLogger:
                 self.run_id, self.finished = None, True
                 return who
         self._heartbeat = claims.Heartbeat(self.heartbeat, self.ctx.heartbeat_every).start()
+        if self.system_metrics:
+            self._monitor = _system_monitor(self.ctx.uri, self.run_id)
         rid = self.run_id
         self.delivery.send("params", lambda: log_params(self.client, rid, self.config.flat()), wait=True)
         self.delivery.send("config.json", lambda: self.client.log_dict(
             rid, self.config.model_dump(mode="json"), "config.json"), wait=True)
+        inputs = _dataset_inputs(self.config)
+        self.delivery.send("datasets", lambda: self.client.log_inputs(rid, datasets=inputs), wait=True)
         return None
 
     def _claim(self) -> str | None:
@@ -174,12 +180,12 @@ class TrialLogger:
     def result(self, result) -> None:
         """Scores, timings, confusion matrices, figures and models of a finished trial. The final
         scores are logged at step = epochs, after any ``eval_every`` scores, so they are the latest.
-        A part the store refuses does not stop the others; the first refusal is raised at the end."""
+        A part the store refuses does not stop the others; the first refusal is raised at the end.
+        The scores go after the models: each clusterer's are its LoggedModel's too (on the images it
+        clustered), so that MLflow's Models page sorts and compares models by score."""
         t = time.perf_counter()
         rid, c = self.run_id, self.client
-        step = result.config.epochs
-        parts = [("scores", lambda: log_metrics(c, rid, {**result.metrics, **result.timings}, step=step)),
-                 ("trial.json", lambda: c.log_dict(rid, {"info": result.info, "history": result.history,
+        parts = [("trial.json", lambda: c.log_dict(rid, {"info": result.info, "history": result.history,
                                                          "evals": result.evals}, "trial.json")),
                  ("labels.json", lambda: c.log_dict(rid, {"split": result.config.eval_split, **{
                      name: labels.tolist() for name, labels in result.labels.items()}}, "labels.json"))]
@@ -194,6 +200,7 @@ class TrialLogger:
         with tempfile.TemporaryDirectory(prefix="fmc-models-") as folder:
             if self.log_models:
                 parts += self._model_parts(result, folder)
+            parts.append(("scores", lambda: self._log_scores(result)))
             for what, call in parts:
                 try:
                     self.delivery.send(what, call, wait=True)
@@ -256,13 +263,35 @@ class TrialLogger:
         parts = [once("autoencoder", autoencoder)] if "autoencoder" in result.models else []
         return parts + [once(f"{c}_clusterer", lambda c=c: pyfunc(c)) for c in result.config.clusterers]
 
+    def _log_scores(self, result) -> None:
+        """The final scores and timings at step = epochs (after any ``eval_every`` scores: the latest).
+        A clusterer whose model was logged gets its scores as that LoggedModel's metrics, on the
+        evaluation dataset (the same values land in the run); the rest are the run's alone."""
+        evaluated = _dataset_inputs(result.config)[-1].dataset
+        step, rest = result.config.epochs, {**result.metrics, **result.timings}
+        for clusterer in result.config.clusterers:
+            model = self._ready_model(f"{clusterer}_clusterer") if self.log_models else None
+            if model is None:
+                continue
+            scores = {k: rest.pop(k) for k in list(rest) if k.startswith(f"{clusterer}_") and k in result.metrics}
+            log_metrics(self.client, self.run_id, scores, step=step, model_id=model.model_id,
+                        dataset=(evaluated.name, evaluated.digest))
+        log_metrics(self.client, self.run_id, rest, step=step)
+
+    def _logged_models(self, name: str) -> list:
+        import mlflow
+
+        return mlflow.search_logged_models(experiment_ids=[self.ctx.experiment_id], output_format="list",
+                                           filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'")
+
+    def _ready_model(self, name: str):
+        return next((m for m in self._logged_models(name) if str(getattr(m.status, "value", m.status)) == "READY"),
+                    None)
+
     def _model_logged(self, name: str) -> bool:
         """Whether the run has model ``name`` READY; a PENDING or FAILED one (a retried, half-done
         upload) is deleted so that it is logged again once."""
-        import mlflow
-
-        found = mlflow.search_logged_models(experiment_ids=[self.ctx.experiment_id], output_format="list",
-                                            filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'")
+        found = self._logged_models(name)
         if any(str(getattr(m.status, "value", m.status)) == "READY" for m in found):
             return True
         for m in found:
@@ -279,6 +308,8 @@ class TrialLogger:
         self.finished = True
         if self._heartbeat is not None:
             self._heartbeat.stop()
+        if self._monitor is not None:  # its last samples go before the run ends
+            self._monitor.finish()
         if error is None:
             try:
                 return self._finish_ok()
@@ -331,6 +362,39 @@ class TrialLogger:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.finish(exc, tb)
         return False
+
+
+def _system_monitor(uri: str, run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where NVML sees one) for the run, as
+    ``system/*`` metrics every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default), from a
+    thread of its own; None where it cannot start. Its samples are what this trial's process sees on
+    its node (tag ``fmc.node``): trials that share a node share its figures."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from fmnist_cluster.quiet import verbose
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.INFO if verbose() else logging.ERROR)
+    try:
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+    except Exception:  # noqa: BLE001 - no psutil, an NVML error: the trial runs without them
+        return None
+    monitor.start()
+    return monitor
+
+
+def _dataset_inputs(config) -> list:
+    """The trial's training and scoring images as MLflow dataset inputs (the runs table's Dataset column)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from fmnist_cluster.data import DOWNLOAD_URL, dataset_inputs
+
+    return [DatasetInput(Dataset(d["name"], d["digest"], "http", json.dumps({"url": DOWNLOAD_URL}),
+                                 profile=json.dumps({**d["profile"], "split": d["split"]})),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+            for d in dataset_inputs(config.data.seed, config.data.subset, config.eval_split)]
 
 
 def _post_once(uri: str, endpoint: str, body: dict, *, timeout: float) -> dict:
