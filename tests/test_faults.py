@@ -229,3 +229,37 @@ def test_retried_writes_whose_answer_was_lost_are_not_repeated(mlflow_server):
     mlflow.set_tracking_uri(mlflow_server)
     models = mlflow.search_logged_models(experiment_ids=[exp], output_format="list")
     assert [(m.name, str(getattr(m.status, "value", m.status))) for m in models] == [("kmeans_clusterer", "READY")]
+
+
+def test_trials_starting_together_log_the_same_dataset(mlflow_server):
+    """Trials that start at once log the same dataset into one experiment; the store checks, then
+    inserts, so all but one of them meet its unique key: each run still gets both dataset inputs."""
+    import threading
+    import uuid
+
+    from fmnist_cluster.config import TrialConfig
+    from tracking.store import client
+    from tracking.trial_logger import _dataset_inputs, _log_inputs
+
+    c = client(mlflow_server)
+    exp = c.create_experiment(f"datasets-{uuid.uuid4().hex[:8]}")
+    inputs = _dataset_inputs(TrialConfig(data={"subset": 300, "seed": 7}))
+    runs = [c.create_run(exp).info.run_id for _ in range(6)]
+    barrier, errors = threading.Barrier(len(runs)), []
+
+    def start(run_id):
+        barrier.wait()
+        try:
+            _log_inputs(c, run_id, inputs)
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for run_id in runs:
+        got = {(d.dataset.name, d.dataset.digest) for d in c.get_run(run_id).inputs.dataset_inputs}
+        assert got == {(i.dataset.name, i.dataset.digest) for i in inputs}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import requests
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 
 from tracking import claims
 from tracking.delivery import Contact, Delivery
@@ -114,6 +114,9 @@ def test_a_shared_contact_counts_the_heartbeats_failures():
     (requests.HTTPError("500 Server Error: INTERNAL SERVER ERROR for url: http://h/x"), False),
     (MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'abc' not found"), False),
     (Exception("(sqlite3.OperationalError) database is locked"), True),
+    # the server's own JSON error, as MLflow's REST store raises it
+    (RestException({"error_code": "BAD_REQUEST", "message": "UNIQUE constraint failed"}), False),
+    (RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}), True),
 ])
 def test_which_errors_are_worth_waiting_out(error, transient):
     assert is_transient(error) is transient
@@ -122,6 +125,8 @@ def test_which_errors_are_worth_waiting_out(error, transient):
 def test_server_message_keeps_what_the_server_said():
     err = MlflowException('API request to endpoint /x failed with error code 400 != 200. Response body: '
                           '\'{"error_code": "INVALID_PARAMETER_VALUE", "message": "Param value too long"}\'')
+    assert status_code(err) == 400 and server_message(err) == "HTTP 400: Param value too long"
+    err = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "Param value too long"})
     assert status_code(err) == 400 and server_message(err) == "HTTP 400: Param value too long"
 
 

@@ -96,7 +96,13 @@ def status_code(err: BaseException) -> int | None:
     if getattr(response, "status_code", None):
         return int(response.status_code)
     match = re.search(r"error code (\d{3})|(\d{3}) (?:Server|Client) Error|too many (\d{3}) error", str(err))
-    return int(next(g for g in match.groups() if g)) if match else None
+    if match:
+        return int(next(g for g in match.groups() if g))
+    from mlflow.exceptions import RestException
+
+    if isinstance(err, RestException):  # the server's JSON error ("BAD_REQUEST: ..."): its status
+        return int(err.get_http_status_code())
+    return None
 
 
 def is_transient(err: BaseException) -> bool:
@@ -132,6 +138,10 @@ def server_message(err: BaseException, limit: int = 300) -> str:
         if match and match.group(1).strip():
             body = match.group(1).strip()
             break
+    from mlflow.exceptions import RestException
+
+    if body is None and isinstance(err, RestException):
+        body = " ".join(str(err.message).removeprefix(f"{err.error_code}: ").split()) or None
     if code is None:
         return text[:limit]
     phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else ""

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from tracking import claims
 from tracking.delivery import Contact, Delivery
-from tracking.store import (PARENT_TAG, TRIAL_KEY, TrackingError, TrackingOutage, auth_headers, client, cpu_model,
-                            is_http, log_metrics, log_params, search)
+from tracking.store import (PARENT_TAG, TRIAL_KEY, TrackingError, TrackingOutage, TrackingRefused, auth_headers,
+                            client, cpu_model, is_http, log_metrics, log_params, search)
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,10 @@ class TrialLogger:
         self.delivery.send("config.json", lambda: self.client.log_dict(
             rid, self.config.model_dump(mode="json"), "config.json"), wait=True)
         inputs = _dataset_inputs(self.config)
-        self.delivery.send("datasets", lambda: self.client.log_inputs(rid, datasets=inputs), wait=True)
+        try:
+            self.delivery.send("datasets", lambda: _log_inputs(self.client, rid, inputs), wait=True)
+        except TrackingRefused as err:  # what the trial read is a label on its run, not a reason to fail it
+            print(f"fmc: trial {self.name}: {err}", file=sys.stderr, flush=True)
         return None
 
     def _claim(self) -> str | None:
@@ -382,6 +385,21 @@ def _system_monitor(uri: str, run_id: str):
         return None
     monitor.start()
     return monitor
+
+
+def _log_inputs(mlflow_client, run_id: str, inputs: list) -> None:
+    """``log_inputs``, again after a moment when a concurrent trial inserted the same dataset first (the
+    store checks, then inserts: two trials starting together race on its unique key)."""
+    for attempt in range(4):
+        try:
+            mlflow_client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as err:  # noqa: BLE001 - only the insert race is retried
+            text = str(err)
+            if attempt == 3 or not ("UNIQUE constraint failed: datasets" in text or
+                                    ("duplicate key" in text and "datasets" in text)):
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _dataset_inputs(config) -> list:
