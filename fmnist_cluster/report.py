@@ -23,6 +23,9 @@ from fmnist_cluster.metrics import CLUSTERERS, score_names
 
 SCORES = ("acc", "acc_majority", "nmi")  # the scores the tables show
 SEED_PARAMS = ("seed", "data.seed")
+# params that do not change a trial's final scores: which clusterers score the codes during training
+# (eval_every); runs recorded before its default changed carry it, later ones do not
+NOT_RESULT_PARAMS = ("eval_clusterers",)
 EXTRA = ("recon_mse", "latent_dead_units", "manifold_seconds", "total_seconds")
 LABEL = {"kmeans": "KMeans", "gmm": "GMM"}
 
@@ -72,7 +75,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = {}
     for run in newest_per_trial(runs):
         params = {**defaults, **run["params"]}
-        key = tuple(sorted((k, v) for k, v in params.items() if k not in SEED_PARAMS))
+        key = tuple(sorted((k, v) for k, v in params.items() if k not in SEED_PARAMS + NOT_RESULT_PARAMS))
         groups.setdefault(key, []).append({**run, "params": params})
     rows = []
     for members in groups.values():

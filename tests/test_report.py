@@ -105,3 +105,16 @@ def test_subset_runs_are_not_set_beside_the_studys_full_data_figures():
     assert row["subset"] == "1000" and report.study_figure(row, "kmeans_acc_majority") is None
     assert "study:kmeans_acc_majority" not in [key for _, key in report.columns([row])]
     assert ("subset", "subset") in report.columns([row])
+
+
+def test_runs_recorded_before_a_default_changed_pool_with_later_ones():
+    """case 5's seed 0 was recorded when eval_clusterers defaulted to ['kmeans'] (a param then), seed 1
+    after the default became 'the trial's clusterers' (no param): one row, n = 2, as the final scores do
+    not depend on which clusterers scored during training."""
+    old = run("case5-seed0", TrialConfig(), kmeans_acc_majority=0.50, kmeans_acc=0.5, kmeans_nmi=0.5)
+    old["params"]["eval_clusterers"] = "['kmeans']"
+    new = run("case5-seed1", TrialConfig(seed=1, data={"seed": 1}), kmeans_acc_majority=0.56, kmeans_acc=0.5,
+              kmeans_nmi=0.5)
+    new["params"].pop("eval_clusterers", None)
+    (row,) = report.aggregate([old, new])
+    assert row["n"] == 2 and row["kmeans_acc_majority_mean"] == pytest.approx(0.53)
