@@ -249,8 +249,13 @@ def sweep(
         raise fail(f"--gpu must be >= 0, got {gpu}")
     trials = spec_.expand()
     if only is not None:
+        if spec_.search is not None:
+            raise fail(f"--trials: {spec} is a search (its trials are drawn as it runs); run it whole")
         trials = _select(trials, only, spec)
     res = {"cpu": cpu or spec_.resources.cpu, "gpu": spec_.resources.gpu if gpu is None else gpu}
+    if dry_run and spec_.search is not None:
+        _print_search(spec, spec_, trials[0], res, max_concurrent)
+        return
     if dry_run:
         table = Table(title=f"{spec}: experiment {spec_.experiment!r}, {len(trials)} trials, "
                             f"{res['cpu']:g} CPU + {res['gpu']:g} GPU each, "
@@ -288,6 +293,11 @@ def sweep(
         except RecordError as e:
             raise fail(str(e)) from None
     tracker = _tracker(tracking_uri)
+    if spec_.search is not None:
+        _search(spec, spec_, trials, tracker, skip_recorded, rerun=rerun, address=address, cpu=cpu, gpu=gpu,
+                max_concurrent=max_concurrent, data_dir=data_dir, storage_path=storage_path, models=models,
+                num_gpus=num_gpus, verbose=verbose, system_metrics=system_metrics)
+        return
     planned = plan(tracker, tracker.experiment(spec_.experiment), trials, rerun=rerun, recorded=recorded)
     for name, who in planned.busy.items():
         out.print(f"skipping {name}: another sweep is running it ({who})", soft_wrap=True)
@@ -315,6 +325,11 @@ def sweep(
     outcome.trials += [TrialOutcome(name, "SKIPPED", error=f"running in another sweep: {who}")
                        for name, who in planned.busy.items()]
     _print_outcome(trial_rows(outcome), time.perf_counter() - start, interrupted=outcome.interrupted)
+    _after_sweep(spec, spec_, tracker, outcome)
+
+
+def _after_sweep(spec: Path, spec_, tracker, outcome) -> None:
+    """Where the sweep landed, what the registry did, warnings; the exit code."""
     out.print(f"MLflow: {tracker.uri}, experiment {spec_.experiment!r}, parent run {outcome.parent_run_id}")
     if outcome.registered:
         out.print(f"Model registry: {outcome.registered}", highlight=False, soft_wrap=True)
@@ -324,6 +339,56 @@ def sweep(
         raise fail(f"interrupted; run `fmc sweep {spec}` again to finish the remaining trials", 130)
     if outcome.failed:
         raise typer.Exit(1)
+
+
+def _print_search(spec: Path, spec_, base, res: dict, max_concurrent: int | None) -> None:
+    """What a searched sweep will sample (its trials are drawn as it runs)."""
+    search = spec_.search
+    table = Table(title=f"{spec}: experiment {spec_.experiment!r}, {search.algorithm} search, "
+                        f"{search.num_samples} trials around {base.name!r} ({base.config.model.label()}, "
+                        f"{base.config.epochs} epochs), {search.mode} {search.metric} "
+                        f"({'supervised: uses the labels' if search.supervised else 'label-free'}), "
+                        f"{res['cpu']:g} CPU + {res['gpu']:g} GPU each, "
+                        f"max concurrent {max_concurrent or spec_.max_concurrent or 'auto'}")
+    table.add_column("setting")
+    table.add_column("distribution")
+    table.add_column(f"in {base.name}")
+    flat = base.config.flat()
+    for key, dist in spec_.space.items():
+        kind, args = next(iter(dist.items()))
+        table.add_row(key, f"{kind} {args}", str(flat.get(key, "")))
+    if spec_.scheduler is not None:
+        sch = spec_.scheduler
+        table.caption = (f"early stopping: {sch.kind} on {sch.metric} ({sch.mode}), grace period {sch.grace_period} "
+                         f"epochs, rungs to {sch.max_t or base.config.epochs}, reduction factor {sch.reduction_factor:g}")
+    out.print(table)
+
+
+def _search(spec: Path, spec_, trials: list, tracker, skip_recorded: Path | None, *, rerun: bool, **options) -> None:
+    """Run a searched sweep: Ray Tune draws the trials; samples finished earlier (in the store, or
+    recorded in ``skip_recorded``) are drawn again but not run again."""
+    from fmnist_cluster.records import RecordError, recorded_scores
+    from fmnist_cluster.sweep import run_sweep, trial_rows
+
+    from tracking import TrackingError
+
+    done = {}
+    if skip_recorded is not None and not rerun:
+        try:
+            done = recorded_scores(skip_recorded)
+        except RecordError as e:
+            raise fail(str(e)) from None
+    start = time.perf_counter()
+    data_dir = options.pop("data_dir")
+    try:
+        outcome = run_sweep(spec_, trials, tracker=tracker, rerun=rerun, done=done,
+                            data_dir=str(data_dir) if data_dir else None, log_models=options.pop("models"),
+                            verbose=2 if options.pop("verbose") else 1, **options)
+    except TrackingError as e:
+        raise fail(f"{e}", 1) from None
+    _print_outcome(trial_rows(outcome, extra=(spec_.search.metric,)), time.perf_counter() - start,
+                   interrupted=outcome.interrupted)
+    _after_sweep(spec, spec_, tracker, outcome)
 
 
 def _select(trials: list, patterns: str, spec: Path) -> list:
@@ -344,9 +409,11 @@ def _print_outcome(rows: list[dict], seconds: float, *, interrupted: bool = Fals
     from fmnist_cluster.metrics import score_names
 
     table = Table(title=f"sweep {'interrupted after' if interrupted else 'finished in'} {seconds:.0f}s")
-    keys = ["trial", "status"] + score_names(scores=("acc", "acc_majority", "nmi"))
+    keys = [k for k in rows[0] if k not in ("seconds", "error")] if rows else \
+        ["trial", "status"] + score_names(scores=("acc", "acc_majority", "nmi"))
     for k in keys + ["seconds"]:
-        table.add_column(k.replace("_acc_majority", " acc_maj").replace("kmeans", "km"), no_wrap=True,
+        table.add_column(k.replace("_acc_majority", " acc_maj").replace("kmeans", "km").replace("_silhouette", " silh"),
+                         no_wrap=True,
                          justify="right" if k not in ("trial", "status") else "left")
     table.add_column("error", no_wrap=True, overflow="ellipsis", max_width=48)
     colour = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow", "SKIPPED": "dim"}

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
 
 
 class _Strict(BaseModel):
@@ -251,15 +252,156 @@ class Select(_Strict):
 
     @model_validator(mode="after")
     def _a_clusterer_score(self) -> Select:
-        from fmnist_cluster.metrics import score_names
+        from fmnist_cluster.metrics import label_free_names, score_names
 
-        if self.metric not in score_names():
-            raise ValueError(f"metric {self.metric!r} is not a clusterer's score; one of {', '.join(score_names())}")
+        known = score_names() + label_free_names()
+        if self.metric not in known:
+            raise ValueError(f"metric {self.metric!r} is not a clusterer's score or criterion; one of {', '.join(known)}")
         return self
 
     @property
     def clusterer(self) -> str:
         return self.metric.split("_", 1)[0]
+
+
+def search_metrics() -> list[str]:
+    """What a search may optimise: a clusterer's score (uses the labels: a supervised selection), a
+    label-free criterion (silhouette, BIC, log-likelihood, inertia) or the reconstruction error."""
+    from fmnist_cluster.metrics import label_free_names, score_names
+
+    return score_names() + label_free_names() + ["recon_mse"]
+
+
+def metric_mode(metric: str) -> str:
+    """The direction in which ``metric`` is better: 'max' or 'min'."""
+    from fmnist_cluster.metrics import LABEL_FREE
+
+    clusterer, _, criterion = metric.partition("_")
+    if metric == "recon_mse":
+        return "min"
+    return LABEL_FREE.get(clusterer, {}).get(criterion, "max")
+
+
+class Search(_Strict):
+    """Sample the sweep's ``space`` around its one trial: ``random`` (Ray Tune's random search) or
+    ``optuna`` (Ray Tune's OptunaSearch, TPE), ``num_samples`` trials in all, optimising ``metric``
+    (a trial's final value; ``mode`` defaults to the metric's own direction). ``seed`` fixes the
+    samples drawn, so that the same search run again draws the same trials (see README: resume)."""
+
+    algorithm: Literal["random", "optuna"] = "random"
+    metric: str = "gmm_silhouette"
+    mode: Literal["max", "min"] | None = None
+    num_samples: PositiveInt = 8
+    seed: int = Field(0, ge=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in search_metrics():
+            raise ValueError(f"metric {metric!r} is not a trial's final value; one of {', '.join(search_metrics())}")
+        return metric
+
+    @model_validator(mode="after")
+    def _direction(self) -> Search:
+        if self.mode is None:
+            object.__setattr__(self, "mode", metric_mode(self.metric))
+        return self
+
+    @property
+    def supervised(self) -> bool:
+        """Whether the metric looks at the labels (a clusterer's score against them)."""
+        from fmnist_cluster.metrics import score_names
+
+        return self.metric in score_names()
+
+
+class Scheduler(_Strict):
+    """Early stopping of trials by their training loss (Ray Tune's ASHAScheduler over epochs): a trial
+    is stopped at a rung (``grace_period`` x ``reduction_factor``^k epochs) when its ``metric`` is not
+    among the best 1/``reduction_factor`` reached there; ``max_t`` defaults to the trials' epochs."""
+
+    kind: Literal["asha"] = "asha"
+    metric: Literal["val_loss", "loss"] = "val_loss"
+    mode: Literal["min"] = "min"
+    grace_period: PositiveInt = 1
+    max_t: PositiveInt | None = None
+    reduction_factor: float = Field(2.0, gt=1)
+
+    @model_validator(mode="after")
+    def _rungs(self) -> Scheduler:
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period = {self.grace_period} is past max_t = {self.max_t}: no trial could stop early")
+        return self
+
+
+# how a search space samples a setting: {uniform: [a, b]}, {loguniform: [a, b]}, {randint: [a, b]}
+# (a <= n < b, as Ray Tune draws it), {choice: [v1, v2, ...]}
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+
+
+def _yaml_number(value: Any) -> Any:
+    """PyYAML reads ``1e-3`` (no dot) as text; a bound written so is the number meant."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def normalise_space(space: Any) -> Any:
+    """``space:`` with the bounds of uniform and loguniform as numbers where YAML left them text."""
+    if not isinstance(space, dict):
+        return space
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("uniform", "loguniform"):
+            kind, args = next(iter(spec.items()))
+            spec = {kind: [_yaml_number(a) for a in args] if isinstance(args, list) else args}
+        out[key] = spec
+    return out
+
+
+def distribution_error(spec: Any) -> str | None:
+    """What is wrong with one ``space:`` entry, or None."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        return f"a distribution is one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {_show(spec)}"
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        return None if isinstance(args, list) and args else f"choice takes a non-empty list, got {_show(args)}"
+    numbers = isinstance(args, list) and len(args) == 2 and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if not numbers:
+        return f"{kind} takes [low, high], two numbers, got {_show(args)}"
+    low, high = args
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        return f"randint takes two integers, got {_show(args)}"
+    if low >= high:
+        return f"{kind}: low must be below high, got {_show(args)}"
+    if kind == "loguniform" and low <= 0:
+        return f"loguniform needs low > 0, got {_show(args)}"
+    return None
+
+
+def distribution_values(spec: dict) -> list[Any]:
+    """The values to check a distribution's settings with: its ends, or every choice."""
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        return list(args)
+    return [args[0], args[1] - 1] if kind == "randint" else list(args)
+
+
+def sampled(base: TrialConfig, sample: dict[str, Any]) -> dict[str, Any]:
+    """The config dict of ``base`` with the dotted settings of ``sample`` set (not yet validated)."""
+    cfg = base.model_dump(mode="json")
+    for key, value in sample.items():
+        _set_dotted(cfg, key, value)
+    return cfg
+
+
+def sampled_name(base: str, config: TrialConfig) -> str:
+    """A searched trial's name: its base trial's and its key's first digits (the same sample, the same name)."""
+    return f"{base}-{config.key()[:8]}"
 
 
 class Sweep(_Strict):
@@ -274,8 +416,18 @@ class Sweep(_Strict):
     resources: Resources = Resources()
     max_concurrent: PositiveInt | None = None
     select: Select = Select()
+    search: Search | None = None
+    space: dict[str, Any] = {}  # dotted setting -> distribution, sampled by search
+    scheduler: Scheduler | None = None
     source: str = Field("", exclude=True)  # the file text, logged with the parent run
     path: str = Field("", exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_in_space(cls, values: Any):
+        if isinstance(values, dict) and "space" in values:
+            values = {**values, "space": normalise_space(values["space"])}
+        return values
 
     def expand(self) -> list[Trial]:
         """Resolved trials (validated by :func:`load_sweep`)."""
@@ -481,6 +633,7 @@ def load_sweep(path: str | Path) -> Sweep:
                     report(("grid", k), f"grid.{k} and seeds both set the seeds; keep one")
             if len(set(sweep.seeds)) != len(sweep.seeds):
                 report(("seeds",), f"seeds lists a seed twice: {list(sweep.seeds)}")
+        _check_search(sweep, report)
         seen_names: dict[str, int] = {}
         seen_keys: dict[str, str] = {}
         if not problems:
@@ -503,10 +656,49 @@ def load_sweep(path: str | Path) -> Sweep:
                 trials.append(Trial(name=name, config=config))
         if not problems and not trials:
             report((), "the sweep expands to no trials")
+        if not problems and sweep.search is not None:
+            for key, spec in sweep.space.items():
+                for value in distribution_values(spec):
+                    try:
+                        TrialConfig(**sampled(trials[0].config, {key: value}))
+                    except (ValidationError, ValueError) as err:
+                        why = "; ".join(m for _, m in _errors(err)) if isinstance(err, ValidationError) else str(err)
+                        report(("space", key), f"{key} = {_show(value)} makes trial {trials[0].name!r} invalid: {why}")
+        if not problems and sweep.scheduler is not None:
+            longest = max(t.config.epochs for t in trials)
+            if "epochs" in sweep.space:  # a search may draw longer trials
+                longest = max([longest, *distribution_values(sweep.space["epochs"])])
+            if sweep.scheduler.max_t is not None and sweep.scheduler.max_t > longest:
+                report(("scheduler", "max_t"), f"max_t = {sweep.scheduler.max_t} is past the trials' {longest} epochs")
+            if sweep.scheduler.grace_period >= longest:
+                report(("scheduler", "grace_period"), f"grace_period = {sweep.scheduler.grace_period} leaves no "
+                                                      f"epoch to stop at: the trials train {longest} epochs")
     if problems:
         lines = [f"{path}:{node.start_mark.line + 1}: {msg}" for node, msg in problems]
         raise SpecError("\n".join(lines))
     return sweep
+
+
+def _check_search(sweep: Sweep, report) -> None:
+    """A search samples ``space`` around one trial; grids and seeds belong to grid sweeps."""
+    if sweep.space and sweep.search is None:
+        report(("space",), "space is sampled by a search: add search: {algorithm: random|optuna, metric: ..., "
+                           "num_samples: N}")
+    if sweep.search is None:
+        return
+    if not sweep.space:
+        report(("search",), "a search needs a space: section, e.g. space: {learning_rate: {loguniform: [1e-4, 1e-2]}}")
+    if len(sweep.trials) != 1:
+        report(("trials",), f"a search samples the space around one trial; found {len(sweep.trials)}")
+    for section in ("grid", "seeds"):
+        if getattr(sweep, section):
+            report((section,), f"{section} applies to grid sweeps; in a search, sample it in space: "
+                               f"(e.g. seed: {{randint: [0, 100]}})")
+    for key, spec in sweep.space.items():
+        if key == "name" or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", key):
+            report(("space", key), f"{key!r} is not a trial setting (dotted, e.g. gmm.covariance_type)")
+        elif (why := distribution_error(spec)) is not None:
+            report(("space", key), why)
 
 
 def load_trial(path: str | Path, name: str) -> TrialConfig:

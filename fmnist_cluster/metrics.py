@@ -3,7 +3,9 @@
 ``acc`` is the literature's Hungarian accuracy (best one-to-one cluster -> label mapping);
 ``acc_majority`` is the reference study's accuracy (each cluster takes its most frequent label,
 several clusters may share one), also known as purity. Always ``acc <= acc_majority``.
-No Keras, no MLflow here.
+:func:`label_free` gives the criteria that need no labels (a silhouette on a fixed sample, the
+mixture's BIC and mean log-likelihood, KMeans' inertia): what a search may select by without
+looking at the labels. No Keras, no MLflow here.
 """
 
 from __future__ import annotations
@@ -79,6 +81,39 @@ def score_names(clusterers=CLUSTERERS, scores=tuple(SCORES)) -> list[str]:
 def score_all(labels_true, labels_pred) -> dict[str, float]:
     """Every score above, by name."""
     return {name: fn(labels_true, labels_pred) for name, fn in SCORES.items()}
+
+
+# criteria that need no labels, per clusterer, and whether larger is better
+LABEL_FREE = {"kmeans": {"silhouette": "max", "inertia": "min"},
+              "gmm": {"silhouette": "max", "bic": "min", "loglik": "max"}}
+SILHOUETTE_SAMPLE = 2000  # images the silhouette is computed on (a fixed sample per seed)
+
+
+def label_free_names() -> list[str]:
+    """``kmeans_silhouette``, ``kmeans_inertia``, ``gmm_silhouette``, ``gmm_bic``, ``gmm_loglik``."""
+    return [f"{c}_{k}" for c, criteria in LABEL_FREE.items() for k in criteria]
+
+
+def label_free(name: str, estimator, features, labels_pred, *, seed: int = 0) -> dict[str, float]:
+    """The label-free criteria of clusterer ``name`` (fitted ``estimator``) on what it clustered:
+    ``silhouette`` (euclidean, on a sample of :data:`SILHOUETTE_SAMPLE` images drawn with ``seed``;
+    left out when the sample holds one cluster only), ``inertia`` (KMeans), ``bic`` and ``loglik`` (the
+    mixture's BIC and mean log-likelihood per image)."""
+    from sklearn.metrics import silhouette_score
+
+    features = np.asarray(features, dtype=np.float64)
+    labels_pred = np.asarray(labels_pred)
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(features), size=min(SILHOUETTE_SAMPLE, len(features)), replace=False)
+    out = {}
+    if 1 < len(np.unique(labels_pred[sample])) < len(sample):
+        out["silhouette"] = float(silhouette_score(features[sample], labels_pred[sample]))
+    if name == "kmeans":
+        out["inertia"] = float(estimator.inertia_)
+    elif name == "gmm":
+        out["bic"] = float(estimator.bic(features))
+        out["loglik"] = float(estimator.score(features))
+    return out
 
 
 def mapped_confusion(labels_true, labels_pred, *, mapping: str = "hungarian",

@@ -49,6 +49,11 @@ def recorded_keys(path: str | Path) -> set[str]:
     return {r["tags"].get("fmc.trial_key") for r in read_records(path)} - {None}
 
 
+def recorded_scores(path: str | Path) -> dict[str, dict[str, float]]:
+    """Trial key -> the recorded run's metrics (what a search run again tells its searcher)."""
+    return {r["tags"]["fmc.trial_key"]: r["metrics"] for r in read_records(path) if r["tags"].get("fmc.trial_key")}
+
+
 def append_records(path: str | Path, records: list[dict[str, Any]]) -> int:
     """Append the records whose run the file lacks (by ``run_id``), oldest first; returns how many.
     A file that does not exist yet is created."""

@@ -94,24 +94,38 @@ def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:500]
 
 
-def _trainable(param: dict, datasets: dict, ctx, log_models: bool, system_metrics: bool = True) -> None:
-    """Ray Tune function trainable: one group of trials (one training), one child run per trial.
+def run_ray_trial(param: dict, *, datasets: dict, ctx, log_models: bool, report, stop, outcomes: dict[str, Any],
+                  system_metrics: bool = True, board=None, base=None, space=None, search=None,
+                  done: dict[str, dict[str, float]] | None = None) -> None:
+    """One Ray trial (in :class:`fmnist_cluster.tuning.GroupTrainable`'s thread): one group of trials
+    (one training), one child run per trial; or, in a search, the one trial that ``param['sample']``
+    makes from ``base`` (the sweep's trial) and ``space``. ``report(result)`` goes to Tune; ``stop()``
+    says whether the scheduler stopped the trial early or the sweep is ending; ``outcomes`` (name ->
+    {status, key, metrics, seconds, error}) fills as trials end. A searched trial whose key is in
+    ``done`` (finished earlier: key -> its scores) is not run again; its scores go to the searcher.
 
     One trial's failure (its scoring, its logging refused by the store) fails that trial only: its
     run ends FAILED with the error and the group trains on for the others. Only the training itself
     failing, an interrupt or the store out of reach for the outage bound end the whole group.
     """
-    from ray import tune
-
     from fmnist_cluster.plots import close
     from fmnist_cluster.trial import run_group
     from tracking import TrackingError, TrackingOutage, TrialLogger
 
-    group = [(t["name"], TrialConfig(**t["config"])) for t in param["trial"]["members"]]
+    if "sample" in param:
+        from fmnist_cluster.tuning import searched_member
+
+        name, config = searched_member(param, base, space, search)
+        if config.key() in (done or {}):  # a search run again draws it again: its scores stand
+            outcomes[name] = {"status": "SKIPPED", "key": config.key(), "error": "finished earlier"}
+            report({**done[config.key()], "trials": outcomes, "done": True})
+            return
+        group = [(name, config)]
+    else:
+        group = [(t["name"], TrialConfig(**t["config"])) for t in param["trial"]["members"]]
     lead = group[-1][0]  # the longest training: the others are scored on the way
     threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))  # Ray sets it to the trial's CPUs
     tags = {**_placement(), "fmc.trained_in": lead}
-    outcomes: dict[str, dict[str, Any]] = {}  # name -> {status, metrics, seconds, error}, reported to Tune
     names = {config.key(): name for name, config in group}
     loggers: dict[str, TrialLogger] = {}  # trial key -> logger of the trials still open
     for name, config in group:
@@ -122,15 +136,23 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool, system_metric
             raise
         except TrackingError as error:  # e.g. the store refused config.json: close the run FAILED, say why
             log.finish(error)
-            outcomes[name] = {"status": "FAILED", "error": _one_line(error)}
+            outcomes[name] = {"status": "FAILED", "key": config.key(), "error": _one_line(error)}
             continue
         if holder:
-            outcomes[name] = {"status": "SKIPPED", "error": holder}
+            outcomes[name] = {"status": "SKIPPED", "key": config.key(), "error": holder}
         else:
             loggers[config.key()] = log
     todo = [config for _, config in group if config.key() in loggers]
+
+    def final() -> dict[str, Any]:
+        """The last report: every outcome and, for a one-trial group, its scores (what a searcher reads;
+        not for a trial stopped early, which a searcher counts as pruned)."""
+        only = outcomes.get(group[0][0], {}) if len(group) == 1 else {}
+        scores = {} if "stopped early" in (only.get("error") or "") else (only.get("metrics") or {})
+        return {**scores, "scored": len(outcomes), "trials": outcomes, "done": True}
+
     if not todo:
-        tune.report({"trials": outcomes, "done": True})
+        report(final())
         return
 
     def fail(config: TrialConfig, error: BaseException) -> None:
@@ -139,7 +161,7 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool, system_metric
         if log is None:
             return
         problem = log.finish(error)
-        outcomes[names[config.key()]] = {"status": "FAILED",
+        outcomes[names[config.key()]] = {"status": "FAILED", "key": config.key(),
                                          "error": _one_line(error) + (f" (and: {problem})" if problem else "")}
 
     def guarded(config: TrialConfig, call) -> None:
@@ -156,7 +178,7 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool, system_metric
         for config in todo:
             if config.epochs >= epoch:
                 guarded(config, lambda log: log.epoch(epoch, values))
-        tune.report({**values, "epoch": epoch, "scored": len(outcomes), "trials": outcomes})
+        report({**values, "epoch": epoch, "scored": len(outcomes), "trials": outcomes})
 
     def on_eval(config: TrialConfig, epoch: int, scores: dict[str, float]) -> None:
         guarded(config, lambda log: log.eval(epoch, scores))
@@ -173,26 +195,27 @@ def _trainable(param: dict, datasets: dict, ctx, log_models: bool, system_metric
                 fail(config, error)
             else:
                 problem = loggers.pop(config.key()).finish()
+                early = result.info.get("stopped_early_at_epoch")
                 outcomes[names[config.key()]] = (
-                    {"status": "FAILED", "error": problem} if problem else
-                    {"status": "FINISHED", "seconds": result.timings.get("total_seconds"),
-                     "metrics": dict(result.metrics)})
+                    {"status": "FAILED", "key": config.key(), "error": problem} if problem else
+                    {"status": "FINISHED", "key": config.key(), "seconds": result.timings.get("total_seconds"),
+                     "metrics": dict(result.metrics),
+                     **({"error": f"stopped early at epoch {early}"} if early else {})})
             finally:
                 close(result.figures)
-        tune.report({"scored": len(outcomes), "trials": outcomes})
+        report({"scored": len(outcomes), "trials": outcomes})
 
     try:
-        run_group(todo, data=datasets[(todo[0].data.subset, todo[0].data.seed)], threads=threads,
+        # a search may sample the data settings: a dataset the driver did not load is loaded here
+        run_group(todo, data=datasets.get((todo[0].data.subset, todo[0].data.seed)), threads=threads,
                   on_epoch=on_epoch, on_eval=on_eval, on_result=on_result,
-                  wanted=lambda config: config.key() in loggers)
+                  wanted=lambda config: config.key() in loggers, stop=stop)
     except BaseException as error:  # the training failed, was stopped or lost the store: every open trial ends
         for config in list(todo):
             fail(config, error)
         if not isinstance(error, Exception) or isinstance(error, TrackingOutage):
             raise  # an interrupt, or the store gone: Tune and the driver must know
-        tune.report({"scored": len(outcomes), "trials": outcomes, "done": True})
-        return
-    tune.report({"scored": len(outcomes), "trials": outcomes, "done": True})
+    report(final())
 
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
@@ -205,13 +228,16 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
               cpu: float | None = None, gpu: float | None = None, max_concurrent: int | None = None,
               data_dir: str | None = None, storage_path: str | None = None, log_models: bool = True,
               share_training: bool = True, num_gpus: int | None = None, verbose: int = 1,
-              rerun: bool = False, system_metrics: bool = True) -> SweepOutcome:
+              rerun: bool = False, system_metrics: bool = True,
+              done: dict[str, dict[str, float]] | None = None) -> SweepOutcome:
     """Run ``trials`` (the ``todo`` of :func:`plan`) of ``sweep`` on Ray Tune; return what happened to each.
 
     The tracker must be checked by the caller; this opens the parent run, runs the trials, closes the
     parent (FINISHED, FAILED if a trial failed, KILLED if interrupted). ``num_gpus`` sets the GPUs of a
     local Ray (default: those it detects). With ``rerun`` every trial gets a new run even where one
-    finished earlier (a trial another sweep is running now is still left to it).
+    finished earlier (a trial another sweep is running now is still left to it). A search
+    (``sweep.search``) samples ``sweep.space`` around ``trials[0]``; samples whose key has a finished
+    run, or is in ``done`` (key -> scores, from records), are not run again.
     """
     # Tune's classic reporter, so that the progress table shows our metric columns
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -224,17 +250,24 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
     from fmnist_cluster.data import load_dataset
 
     exp_id = tracker.experiment(sweep.experiment)
-    groups = group_trials(trials, share_training=share_training)
-    ctx = tracker.start_parent(exp_id, sweep.experiment, source=sweep.source,
-                               params={"trials": len(trials), "ray_trials": len(groups),
-                                       "share_training": share_training,
-                                       "resources.cpu": cpu or sweep.resources.cpu,
-                                       "resources.gpu": gpu if gpu is not None else sweep.resources.gpu,
-                                       "max_concurrent": max_concurrent or sweep.max_concurrent or "auto"},
-                               rerun=rerun)
+    searching = sweep.search is not None
+    groups = [trials] if searching else group_trials(trials, share_training=share_training)
+    params = {"trials": sweep.search.num_samples if searching else len(trials),
+              "ray_trials": sweep.search.num_samples if searching else len(groups),
+              "share_training": share_training, "resources.cpu": cpu or sweep.resources.cpu,
+              "resources.gpu": gpu if gpu is not None else sweep.resources.gpu,
+              "max_concurrent": max_concurrent or sweep.max_concurrent or "auto"}
+    tags = {}
+    if searching:
+        params.update({f"search.{k}": v for k, v in sweep.search.model_dump().items()})
+        tags["fmc.selection"] = "supervised" if sweep.search.supervised else "label-free"
+    if sweep.scheduler is not None:
+        params.update({f"scheduler.{k}": v for k, v in sweep.scheduler.model_dump().items() if v is not None})
+    ctx = tracker.start_parent(exp_id, sweep.experiment, source=sweep.source, params=params, rerun=rerun, tags=tags)
     # Ctrl-C and SIGTERM both stop Tune cleanly: Tune handles SIGINT, so route SIGTERM to it.
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     outcome = SweepOutcome(trials=[], parent_run_id=ctx.parent_run_id)
+    keys = {t.config.key() for t in trials}  # of the trials this sweep ran (a search adds its samples)
     try:
         # One copy of each distinct dataset in Ray's object store, shared by every trial on a node.
         datasets = {}
@@ -249,39 +282,79 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
             ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
                      configure_logging=True, logging_level="WARNING" if verbose > 1 else "ERROR", num_gpus=num_gpus if not address else None,
                      runtime_env={"env_vars": env_vars} if env_vars else None)
+        # the epochs' reports carry the scheduler's loss, the last one the search's metric
+        os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+        from fmnist_cluster import tuning
+
+        board = tuning.StopBoard.remote()
         resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
+        extra = {}
+        if searching:
+            if not rerun:  # a search run again draws its samples again: those finished keep their runs
+                done = {**(done or {}), **{r["tags"]["fmc.trial_key"]: r["metrics"] for r in tracker.trial_runs(exp_id)}}
+            extra = {"base": (trials[0].name, trials[0].config), "space": sweep.space, "search": sweep.search,
+                     "done": done or {}}
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, datasets=datasets, ctx=ctx, log_models=log_models,
-                                 system_metrics=system_metrics), resources)
+            tune.with_parameters(tuning.GroupTrainable, datasets=datasets, ctx=ctx, log_models=log_models,
+                                 system_metrics=system_metrics, board=board, **extra), resources)
+        limit = max_concurrent or sweep.max_concurrent
+        if searching:
+            param_space = {"sample": tuning.search_space(sweep.space, sweep.search)}
+            search_alg = tuning.search_algorithm(sweep.search, sweep.space, limit)
+
+            def ray_name(tr) -> str:
+                try:
+                    return tuning.searched_member(tr.config, extra["base"], sweep.space, sweep.search)[0]
+                except ValueError:  # an invalid combination: the trial itself says why
+                    return f"{trials[0].name}-{tr.trial_id}"
+            ray_folder = ray_name
+            columns = tuning.columns(sweep.space, sweep.search)
+        else:
+            param_space = {"trial": tune.grid_search([
+                {"name": _group_name(g), "members": [{"name": t.name, "config": t.config.model_dump(mode="json")}
+                                                     for t in g]} for g in groups])}
+            search_alg = None
+
+            def ray_name(tr) -> str:
+                return tr.config["trial"]["name"]
+
+            def ray_folder(tr) -> str:  # the lead's name, without '+N'
+                return tr.config["trial"]["members"][-1]["name"]
+            columns = {"trial/name": "trial"}
         # the status table shows each Ray trial's name (its longest trial, '+N' scored on the way)
         reporter = tune.CLIReporter(metric_columns=PROGRESS_COLUMNS, max_report_frequency=30,
-                                    parameter_columns={"trial/name": "trial"}, print_intermediate_tables=True)
+                                    parameter_columns=columns, print_intermediate_tables=True)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([
-                {"name": _group_name(g), "members": [{"name": t.name, "config": t.config.model_dump(mode="json")}
-                                                     for t in g]} for g in groups])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or sweep.max_concurrent,
-                                        reuse_actors=False,
-                                        trial_name_creator=lambda tr: tr.config["trial"]["name"],
-                                        trial_dirname_creator=lambda tr: f"{tr.config['trial']['members'][-1]['name']}-{tr.trial_id}"),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=limit, reuse_actors=False, search_alg=search_alg,
+                                        num_samples=sweep.search.num_samples if searching else 1,
+                                        scheduler=tuning.scheduler(sweep.scheduler, board,
+                                                                   max(t.config.epochs for t in trials)),
+                                        trial_name_creator=ray_name,
+                                        trial_dirname_creator=lambda tr: f"{ray_folder(tr)}-{tr.trial_id}"),
             run_config=tune.RunConfig(
                 name=f"{sweep.experiment}-{ctx.parent_run_id[:8]}",
                 storage_path=str(Path(storage_path or "ray_results").resolve()),
                 failure_config=tune.FailureConfig(max_failures=0),
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),  # the store keeps the models
                 progress_reporter=reporter, verbose=verbose),
         )
         grid = tuner.fit()
+        late = ray.get(board.all_outcomes.remote())  # outcomes of trials that ended after their last report
         seen = set()
         for res in grid:
             if not res.config:  # a Ray trial interrupted before it started has no config: 'not started' below
                 continue
-            reported = (res.metrics or {}).get("trials") or {}
-            for member in res.config["trial"]["members"]:
-                name = member["name"]
+            trial_id = (res.metrics or {}).get("trial_id")
+            reported = {**((res.metrics or {}).get("trials") or {}), **late.get(trial_id, {})}
+            members = ([m["name"] for m in res.config["trial"]["members"]] if "trial" in res.config
+                       else list(reported) or [ray_name(_Named(res.config, trial_id))])
+            for name in members:
                 seen.add(name)
                 if name in reported:
                     r = reported[name]
+                    keys.add(r.get("key", ""))
                     outcome.trials.append(TrialOutcome(name, r["status"], r.get("metrics") or {}, r.get("seconds"),
                                                        r.get("error")))
                 elif res.error is not None:
@@ -289,7 +362,8 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
                 else:
                     outcome.trials.append(TrialOutcome(name, "KILLED", error="interrupted"))
         # trials Tune never started (interrupted before their turn)
-        outcome.trials += [TrialOutcome(t.name, "KILLED", error="not started") for t in trials if t.name not in seen]
+        if not searching:
+            outcome.trials += [TrialOutcome(t.name, "KILLED", error="not started") for t in trials if t.name not in seen]
         outcome.interrupted = any(t.status == "KILLED" for t in outcome.trials)
         order = {t.name: i for i, t in enumerate(trials)}
         outcome.trials.sort(key=lambda t: order.get(t.name, len(order)))
@@ -301,20 +375,28 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         rows = trial_rows(outcome)
         table = {k: [r[k] for r in rows] for k in rows[0]} if rows else None
         try:
-            keys = {t.config.key() for t in trials}
             runs = [r for r in tracker.trial_runs(exp_id) if r["tags"].get("fmc.trial_key") in keys]
         except Exception:  # noqa: BLE001 - the store is down: close the parent without the summary figures
             runs = []
         errors = {t.name: t.error for t in outcome.trials if t.status == "FAILED" and t.error}
         if runs and log_models and not outcome.interrupted:  # the best clusterer as models:/<experiment>@best
             try:
-                outcome.registered = tracker.register_best(sweep.experiment, runs, sweep.select.metric,
+                trained = [r for r in runs if r["tags"].get("fmc.stopped_early") != "true"] or runs
+                outcome.registered = tracker.register_best(sweep.experiment, trained, sweep.select.metric,
                                                            sweep.select.mode, ctx.parent_run_id)
             except Exception as error:  # noqa: BLE001 - the registry refused: the sweep's results stand
                 outcome.warnings.append(f"registering the best model: {' '.join(str(error).split())[:300]}")
         outcome.warnings += tracker.end_parent(ctx, status, table=table, figures=_comparison(runs),
                                                metrics=best_scores(runs), errors=errors)
     return outcome
+
+
+@dataclass
+class _Named:
+    """What ``trial_name_creator`` reads of a Ray trial, for a result whose trial is gone."""
+
+    config: dict
+    trial_id: str | None
 
 
 def _group_name(group: list[Trial]) -> str:
@@ -358,12 +440,12 @@ def _short_error(err: BaseException) -> str:
     return f"{name}: {cause}".strip().splitlines()[-1]
 
 
-def trial_rows(outcome: SweepOutcome) -> list[dict[str, Any]]:
-    """Rows of the final table, in trial order."""
+def trial_rows(outcome: SweepOutcome, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of the final table, in trial order (``extra``: more metrics, e.g. a search's objective)."""
     rows = []
     for t in outcome.trials:
         row = {"trial": t.name, "status": t.status}
-        for name in score_names(scores=("acc", "acc_majority", "nmi")):
+        for name in score_names(scores=("acc", "acc_majority", "nmi")) + [m for m in extra if m not in row]:
             row[name] = t.metrics.get(name)
         row["seconds"] = t.seconds
         row["error"] = t.error

@@ -90,7 +90,8 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
                                                                     BaseException | None], None],
               data: Dataset | None = None, data_dir: str | None = None, threads: int | None = None,
               on_epoch: EpochHook | None = None, on_eval: EvalHook | None = None, figures: bool = True,
-              verbose: int | str = 0, wanted: Callable[[TrialConfig], bool] | None = None) -> None:
+              verbose: int | str = 0, wanted: Callable[[TrialConfig], bool] | None = None,
+              stop: Callable[[], str | None] | None = None) -> None:
     """Run trials that share their training (equal :meth:`TrialConfig.training_key`).
 
     The autoencoder trains once, to the largest ``epochs``; at the end of each trial's own epochs that
@@ -98,7 +99,10 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
     training goes on. A trial whose scoring fails (at its end or during ``eval_every``) is handed over
     once as ``on_result(config, None, error)`` and the others go on; an error of the training itself
     (a diverged loss) ends the group. ``wanted(config)`` False drops a trial (e.g. its logging failed);
-    training stops early once no trial is left that needs more epochs.
+    training stops early once no trial is left that needs more epochs. ``stop()`` (asked after every
+    epoch and batch) answering ``"early"`` ends the training after that epoch and scores every open
+    trial at the epoch reached (``info["stopped_early_at_epoch"]``); ``"interrupt"`` raises
+    KeyboardInterrupt at the next batch.
     """
     if len({c.training_key() for c in configs}) != 1:
         raise ValueError("run_group: the trials differ in their training settings: "
@@ -122,7 +126,7 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
         failed.add(config.key())
         on_result(config, None, error)
 
-    def finish(config: TrialConfig) -> None:
+    def finish(config: TrialConfig, stopped_at: int | None = None) -> None:
         if not is_open(config):
             return
         try:
@@ -130,6 +134,8 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
         except Exception as error:  # noqa: BLE001 - handed to the caller, who records it for this trial
             failure(config, error)
             return
+        if stopped_at is not None:
+            result.info["stopped_early_at_epoch"] = stopped_at
         on_result(config, result, None)
 
     if lead.model.kind == "none":  # raw pixels: nothing to train
@@ -161,14 +167,17 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
                     if on_eval is not None:
                         on_eval(config, epoch, done[signature])
             state.eval_seconds += time.perf_counter() - t
+        early = stop is not None and stop() == "early"
         for config in configs:
             if config.epochs == epoch:
                 finish(config)
-        return any(config.epochs > epoch and is_open(config) for config in configs)
+            elif early and config.epochs > epoch:
+                finish(config, stopped_at=epoch)
+        return not early and any(config.epochs > epoch and is_open(config) for config in configs)
 
     state.autoencoder.fit(data.x_train, data.x_train, validation_data=(data.x_val, data.x_val),
                           epochs=lead.epochs, batch_size=lead.batch_size, shuffle=True, verbose=verbose,
-                          callbacks=[_epoch_callback(on_epoch, state.history, after_epoch)])
+                          callbacks=[_epoch_callback(on_epoch, state.history, after_epoch, stop)])
 
 
 @dataclass
@@ -186,10 +195,15 @@ class _State:
     eval_seconds: float = 0.0
 
 
-def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], bool]):
+def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], bool],
+                    stop: Callable[[], str | None] | None = None):
     import keras
 
     class EpochCallback(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if stop is not None and stop() == "interrupt":
+                raise KeyboardInterrupt("the sweep was stopped")
+
         def on_epoch_begin(self, epoch, logs=None):
             self._start = time.perf_counter()
 
@@ -243,6 +257,10 @@ def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, cluster
             result.models[name] = estimator
             for score, value in metrics.score_all(y_eval, out[name]).items():
                 result.metrics[f"{name}_{score}"] = value
+            t = time.perf_counter()
+            for criterion, value in metrics.label_free(name, estimator, features, out[name], seed=config.seed).items():
+                result.metrics[f"{name}_{criterion}"] = value
+            result.timings["label_free_seconds"] = result.timings.get("label_free_seconds", 0.0) + time.perf_counter() - t
     return out
 
 
@@ -290,7 +308,7 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
 
     if config.eval_every:
         result.evals = {**state.evals.get(config.key(), {}),
-                        config.epochs: {k: v for k, v in result.metrics.items()
+                        min(config.epochs, len(state.history.get("loss", [])) or config.epochs): {k: v for k, v in result.metrics.items()
                                         if k.split("_", 1)[0] in config.scored_during_training()}}
         result.timings["eval_seconds"] = state.eval_seconds
     if state.figures:

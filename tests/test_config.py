@@ -6,7 +6,7 @@ from fmnist_cluster.config import SpecError, TrialConfig, deep_merge, load_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 EXPECTED = {"paper_cases.yaml": 10, "paper_cases_seeds.yaml": 30, "extra_grids.yaml": 81, "quick.yaml": 4,
-            "beyond.yaml": 30}
+            "beyond.yaml": 30, "search.yaml": 1}
 
 
 def test_every_shipped_sweep_validates_and_expands():
@@ -149,8 +149,9 @@ BAD = {
                           r"bad.yaml:6: trials\[1\] \(b\): epoch: Extra inputs are not permitted"),
     "wrong type": (GOOD.replace("epochs: 2", "epochs: two"),
                    r"bad.yaml:6: trials\[1\] \(b\): epochs: Input should be a valid integer"),
-    "select not a score": (GOOD + "select: {metric: gmm_bic}\n",
-                           r"bad.yaml:\d+: select: metric 'gmm_bic' is not a clusterer's score; one of kmeans_acc"),
+    "select not a score": (GOOD + "select: {metric: gmm_purity}\n",
+                           r"bad.yaml:\d+: select: metric 'gmm_purity' is not a clusterer's score or criterion; "
+                           r"one of kmeans_acc.*gmm_bic"),
     "select mode": (GOOD + "select: {metric: kmeans_nmi, mode: up}\n",
                     r"bad.yaml:\d+: select.mode: Input should be 'max' or 'min'"),
     "negative epochs": (GOOD.replace("  epochs: 1", "  epochs: -1"),

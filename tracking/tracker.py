@@ -91,12 +91,12 @@ class Tracker:
         return live
 
     def start_parent(self, experiment_id: str, sweep_name: str, *, source: str, params: dict[str, Any],
-                     rerun: bool = False) -> RunContext:
+                     rerun: bool = False, tags: dict[str, str] | None = None) -> RunContext:
         """Open the parent run of one sweep invocation and return the context its trials log under.
         With ``rerun`` the trials do not yield to runs finished before this one started."""
         commit = git_commit()
         tags = {"fmc.role": "sweep", "fmc.sweep": sweep_name, "fmc.host": socket.gethostname(), "fmc.cpu": cpu_model(),
-                **({"mlflow.source.git.commit": commit} if commit else {})}
+                **({"mlflow.source.git.commit": commit} if commit else {}), **(tags or {})}
         run = self._c.create_run(experiment_id, run_name=f"{sweep_name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                  tags=tags)
         run_id = run.info.run_id

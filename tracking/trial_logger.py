@@ -199,6 +199,10 @@ class TrialLogger:
         for key, fig in result.figures.items():
             path = f"{'confusion' if key.startswith('confusion_') else 'plots'}/{key.removeprefix('confusion_')}.png"
             parts.append((path, lambda fig=fig, path=path: c.log_figure(rid, fig, path)))
+        if result.info.get("stopped_early_at_epoch"):  # the scheduler stopped it: scored at the epoch reached
+            reached = str(result.info["stopped_early_at_epoch"])
+            parts.insert(0, ("the early stop", lambda: [c.set_tag(rid, "fmc.stopped_early", "true"),
+                                                        c.set_tag(rid, "fmc.epochs_trained", reached)]))
         refused = None
         with tempfile.TemporaryDirectory(prefix="fmc-models-") as folder:
             if self.log_models:
@@ -271,7 +275,7 @@ class TrialLogger:
         A clusterer whose model was logged gets its scores as that LoggedModel's metrics, on the
         evaluation dataset (the same values land in the run); the rest are the run's alone."""
         evaluated = _dataset_inputs(result.config)[-1].dataset
-        step, rest = result.config.epochs, {**result.metrics, **result.timings}
+        step, rest = result.info.get("stopped_early_at_epoch", result.config.epochs), {**result.metrics, **result.timings}
         for clusterer in result.config.clusterers:
             model = self._ready_model(f"{clusterer}_clusterer") if self.log_models else None
             if model is None:
