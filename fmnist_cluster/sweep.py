@@ -148,7 +148,7 @@ def run_ray_trial(param: dict, *, datasets: dict, ctx, log_models: bool, report,
         """The last report: every outcome and, for a one-trial group, its scores (what a searcher reads;
         not for a trial stopped early, which a searcher counts as pruned)."""
         only = outcomes.get(group[0][0], {}) if len(group) == 1 else {}
-        scores = {} if "stopped early" in (only.get("error") or "") else (only.get("metrics") or {})
+        scores = {} if only.get("stopped_early") else (only.get("metrics") or {})
         return {**scores, "scored": len(outcomes), "trials": outcomes, "done": True}
 
     if not todo:
@@ -200,7 +200,7 @@ def run_ray_trial(param: dict, *, datasets: dict, ctx, log_models: bool, report,
                     {"status": "FAILED", "key": config.key(), "error": problem} if problem else
                     {"status": "FINISHED", "key": config.key(), "seconds": result.timings.get("total_seconds"),
                      "metrics": dict(result.metrics),
-                     **({"error": f"stopped early at epoch {early}"} if early else {})})
+                     **({"stopped_early": early, "error": f"stopped early at epoch {early}"} if early else {})})
             finally:
                 close(result.figures)
         report({"scored": len(outcomes), "trials": outcomes})
@@ -286,7 +286,7 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
         from fmnist_cluster import tuning
 
-        board = tuning.StopBoard.remote()
+        board = tuning.StopBoard.remote() if sweep.scheduler is not None else None  # only a scheduler writes on it
         resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
         extra = {}
         if searching:
@@ -300,7 +300,7 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         limit = max_concurrent or sweep.max_concurrent
         if searching:
             param_space = {"sample": tuning.search_space(sweep.space, sweep.search)}
-            search_alg = tuning.search_algorithm(sweep.search, sweep.space, limit)
+            search_alg = tuning.search_algorithm(sweep.search, limit)
 
             def ray_name(tr) -> str:
                 try:
@@ -341,7 +341,8 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
                 progress_reporter=reporter, verbose=verbose),
         )
         grid = tuner.fit()
-        late = ray.get(board.all_outcomes.remote())  # outcomes of trials that ended after their last report
+        # outcomes of trials that ended after their last report
+        late = ray.get(board.all_outcomes.remote()) if board is not None else {}
         seen = set()
         for res in grid:
             if not res.config:  # a Ray trial interrupted before it started has no config: 'not started' below

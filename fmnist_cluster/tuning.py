@@ -104,7 +104,7 @@ def columns(space: dict[str, dict], search: Search) -> dict[str, str]:
     return {f"sample/{k}": k + (" #" if by_index(search) and "choice" in spec else "") for k, spec in space.items()}
 
 
-def search_algorithm(search: Search, space: dict[str, dict], max_concurrent: int | None):
+def search_algorithm(search: Search, max_concurrent: int | None):
     """Ray Tune's search algorithm for a sweep's ``search:`` (random: its BasicVariantGenerator,
     seeded; optuna: OptunaSearch with a seeded TPE sampler)."""
     from ray.tune.search import BasicVariantGenerator
