@@ -280,7 +280,7 @@ def sweep(
         find_data_dir(data_dir)
     except DataError as e:
         raise fail(str(e)) from None
-    from fmnist_cluster.sweep import TrialOutcome, plan, run_sweep, trial_rows
+    from fmnist_cluster.sweep import ClusterError, TrialOutcome, plan, run_sweep, trial_rows
 
     from tracking import TrackingError
 
@@ -318,7 +318,7 @@ def sweep(
                             storage_path=storage_path, log_models=models, share_training=share_training,
                             num_gpus=num_gpus, verbose=2 if verbose else 1, rerun=rerun,
                             system_metrics=system_metrics)
-    except TrackingError as e:
+    except (TrackingError, ClusterError) as e:
         raise fail(f"{e}", 1) from None
     outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="recorded in " + str(skip_recorded)
                                     if t.config.key() in recorded else "finished earlier") for t in planned.finished]
@@ -368,7 +368,7 @@ def _search(spec: Path, spec_, trials: list, tracker, skip_recorded: Path | None
     """Run a searched sweep: Ray Tune draws the trials; samples finished earlier (in the store, or
     recorded in ``skip_recorded``) are drawn again but not run again."""
     from fmnist_cluster.records import RecordError, recorded_scores
-    from fmnist_cluster.sweep import run_sweep, trial_rows
+    from fmnist_cluster.sweep import ClusterError, run_sweep, trial_rows
 
     from tracking import TrackingError
 
@@ -384,7 +384,7 @@ def _search(spec: Path, spec_, trials: list, tracker, skip_recorded: Path | None
         outcome = run_sweep(spec_, trials, tracker=tracker, rerun=rerun, done=done,
                             data_dir=str(data_dir) if data_dir else None, log_models=options.pop("models"),
                             verbose=2 if options.pop("verbose") else 1, **options)
-    except TrackingError as e:
+    except (TrackingError, ClusterError) as e:
         raise fail(f"{e}", 1) from None
     _print_outcome(trial_rows(outcome, extra=(spec_.search.metric,)), time.perf_counter() - start,
                    interrupted=outcome.interrupted)

@@ -224,6 +224,24 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW
                  "TF_CPP_MIN_LOG_LEVEL", "FMC_VERBOSE", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
 
 
+class ClusterError(Exception):
+    """The Ray cluster cannot run a trial of this sweep (it lacks the CPUs or GPUs one trial asks for)."""
+
+
+def resource_shortage(per_trial: dict[str, float], cluster: dict[str, float], address: str | None) -> str | None:
+    """Why no trial could ever start on ``cluster`` (Ray's total resources), in one line; None if one can."""
+    where = f"the Ray cluster at {address}" if address else "this machine's Ray"
+    for kind, key in (("gpu", "GPU"), ("cpu", "CPU")):
+        need, have = per_trial.get(kind) or 0, cluster.get(key, 0)
+        if need > have:
+            if kind == "gpu" and not have:
+                return (f"no GPU is visible to {where}: each trial asks for {need:g} GPU; run with --gpu 0, "
+                        "or where Ray sees the GPUs (docs/deploy.md: the first hour on a GPU box)")
+            return (f"each trial asks for {need:g} {key}, but {where} has {have:g} in all: "
+                    f"lower --{kind} (or resources.{kind} in the sweep file)")
+    return None
+
+
 def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None = None,
               cpu: float | None = None, gpu: float | None = None, max_concurrent: int | None = None,
               data_dir: str | None = None, storage_path: str | None = None, log_models: bool = True,
@@ -263,6 +281,18 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
         tags["fmc.selection"] = "supervised" if sweep.search.supervised else "label-free"
     if sweep.scheduler is not None:
         params.update({f"scheduler.{k}": v for k, v in sweep.scheduler.model_dump().items() if v is not None})
+    resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
+    if not ray.is_initialized():
+        # Trials log to MLflow themselves: on a cluster they get this driver's MLflow credentials
+        # (a local Ray's workers inherit them anyway).
+        env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
+                 configure_logging=True, logging_level="WARNING" if verbose > 1 else "ERROR",
+                 num_gpus=num_gpus if not address else None,
+                 runtime_env={"env_vars": env_vars} if env_vars else None)
+    short = resource_shortage(resources, ray.cluster_resources(), address)
+    if short:  # Tune would wait for the resources for ever
+        raise ClusterError(short)
     ctx = tracker.start_parent(exp_id, sweep.experiment, source=sweep.source, params=params, rerun=rerun, tags=tags)
     # Ctrl-C and SIGTERM both stop Tune cleanly: Tune handles SIGINT, so route SIGTERM to it.
     previous = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
@@ -275,19 +305,11 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
             key = (t.config.data.subset, t.config.data.seed)
             if key not in datasets:
                 datasets[key] = load_dataset(data_dir, seed=key[1], subset=key[0])
-        if not ray.is_initialized():
-            # Trials log to MLflow themselves: on a cluster they get this driver's MLflow credentials
-            # (a local Ray's workers inherit them anyway).
-            env_vars = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-            ray.init(address=address, include_dashboard=False, log_to_driver=verbose > 1,
-                     configure_logging=True, logging_level="WARNING" if verbose > 1 else "ERROR", num_gpus=num_gpus if not address else None,
-                     runtime_env={"env_vars": env_vars} if env_vars else None)
         # the epochs' reports carry the scheduler's loss, the last one the search's metric
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
         from fmnist_cluster import tuning
 
         board = tuning.StopBoard.remote() if sweep.scheduler is not None else None  # only a scheduler writes on it
-        resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
         extra = {}
         if searching:
             if not rerun:  # a search run again draws its samples again: those finished keep their runs

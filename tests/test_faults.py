@@ -263,3 +263,19 @@ def test_trials_starting_together_log_the_same_dataset(mlflow_server):
     for run_id in runs:
         got = {(d.dataset.name, d.dataset.digest) for d in c.get_run(run_id).inputs.dataset_inputs}
         assert got == {(i.dataset.name, i.dataset.digest) for i in inputs}
+
+
+@pytest.mark.parametrize("flag, value, expected", [("--gpu", "0.5", ("no GPU is visible to", "each trial asks for 0.5 GPU")),
+                                                   ("--cpu", "64", ("each trial asks for 64 CPU, but", "lower --cpu"))])
+def test_a_trial_that_cannot_fit_the_cluster_is_refused_at_once(run_fmc, tmp_path, flag, value, expected):
+    """A trial asking for more than Ray has would wait in Ray's scheduler for ever: exit 1, said in one
+    line, and no run opened."""
+    spec = write(tmp_path / "big.yaml", "too-big", ["a"], model=RAW)
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    res = run_fmc("sweep", spec, flag, value, "--tracking-uri", store, "--num-gpus", "0", timeout=300)
+    assert res.returncode == 1, said(res)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(part in errors[0] for part in expected), said(res)
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("too-big")
+    assert exp is None or not client.search_runs([exp.experiment_id])
