@@ -23,15 +23,16 @@ from conftest import FMC, RAY_GRACE, ROOT, free_port, stop, wait_http
 COMPOSE = ROOT / "docker-compose.yml"
 SECRETS = {"POSTGRES_PASSWORD": "pg-Secret-1", "MLFLOW_TRACKING_PASSWORD": "mlflow-Secret-2",
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-Secret-3", "RAY_AUTH_TOKEN": "ray-Secret-4"}
+UV = [os.environ["UV"]] if os.environ.get("UV") else [shutil.which("python3") or "python3", "-m", "uv"]  # uv run sets UV
 RAY_INTERNAL_PORTS = {6379, 10001, 8076, 8077, 52365}  # GCS, client server, object manager, node manager, agent
 
 
-def compose_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def compose_config(tmp_path: Path, env: dict[str, str], files=(COMPOSE,)) -> subprocess.CompletedProcess:
     env_file = tmp_path / "test.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
-    return subprocess.run(["docker-compose", "--env-file", str(env_file), "-f", str(COMPOSE), "config"],
-                          capture_output=True, text=True, cwd=ROOT, env=clean, timeout=60)
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("COMPOSE_")}
+    return subprocess.run(["docker-compose", "--env-file", str(env_file), *(a for f in files for a in ("-f", str(f))),
+                           "config"], capture_output=True, text=True, cwd=ROOT, env=clean, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,6 @@ def test_secure_defaults(resolved):
         env = services[name]["environment"]
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == SECRETS["RAY_AUTH_TOKEN"]
     for name in ("ray-head", "ray-worker"):
-        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
         assert services[name]["shm_size"]
     # MLflow: basic auth, allowed hosts admit the services by name, admin password from .env
     command = services["mlflow"]["command"]
@@ -110,6 +109,45 @@ def test_secure_defaults(resolved):
         assert re.search(rf"^{var}=", example, re.M), f".env.example lacks {var}"
 
 
+def test_gpus_come_from_the_gpu_file(tmp_path, resolved):
+    """A GPU box (.env.example's COMPOSE_FILE) gives the Ray nodes the GPUs and builds the GPU image; the
+    main file alone asks for no GPU (it comes up on a box without the NVIDIA runtime)."""
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    files = [ROOT / f for f in example["COMPOSE_FILE"].split(":")]
+    assert files == [COMPOSE, ROOT / "docker-compose.gpu.yml"]
+    res = compose_config(tmp_path, SECRETS, files)
+    assert res.returncode == 0, res.stderr
+    gpu_box = yaml.safe_load(res.stdout)["services"]
+    for name in ("ray-head", "ray-worker"):
+        devices = gpu_box[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+        assert "resources" not in resolved["services"][name].get("deploy", {})
+    assert gpu_box["ray-worker"]["deploy"]["replicas"] == 0
+    for name in ("mlflow", "ray-head", "ray-worker", "fmc"):
+        assert gpu_box[name]["build"]["args"]["FMC_VARIANT"] == "gpu"  # the default
+    cpu = yaml.safe_load(compose_config(tmp_path, {**SECRETS, "FMC_VARIANT": "cpu"}).stdout)["services"]
+    assert cpu["mlflow"]["build"]["args"]["FMC_VARIANT"] == "cpu"
+
+
+def test_gpu_environment_resolves_from_the_lock(tmp_path):
+    """The GPU image's environment (uv.lock's gpu extra) resolves offline, without a download: TensorFlow
+    with its CUDA wheels and NVML; the CPU image's has no CUDA wheel."""
+    def plan(*extra: str) -> set[str]:
+        env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(tmp_path / "env")}
+        res = subprocess.run([*UV, "sync", "--frozen", "--no-dev", *extra, "--dry-run",
+                              "--offline"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        return {line.split()[1] for line in res.stderr.splitlines() + res.stdout.splitlines() if line.startswith(" + ")}
+
+    gpu, cpu = plan("--extra", "gpu"), plan()
+    cuda = {p for p in gpu if p.startswith("nvidia-") and "-cu12==" in p}
+    assert "tensorflow==2.21.0" in gpu and any(p.startswith("nvidia-ml-py==") for p in gpu)
+    assert {p.split("==")[0] for p in cuda} >= {"nvidia-cudnn-cu12", "nvidia-cublas-cu12", "nvidia-cuda-runtime-cu12"}
+    assert not any(p.startswith("nvidia-") for p in cpu) and "tensorflow==2.21.0" in cpu
+    assert not (tmp_path / "env").exists()  # a plan, not an install
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     out = []
@@ -130,9 +168,18 @@ def test_dockerfile_structure():
     setup = [i for i, (word, rest) in enumerate(ins) if word == "RUN" and "make setup" in rest]
     assert len(setup) == 1 and "make setup" in (ROOT / "README.md").read_text()
     copies = " ".join(rest for word, rest in ins[:setup[0]] if word == "COPY")
-    for needed in ("pyproject.toml", "uv.lock", "Makefile", "fmnist_cluster", "tracking"):
+    for needed in ("pyproject.toml", "uv.lock", "Makefile"):
         assert needed in copies
+    # the code comes after the dependencies' layer (a code change does not download them again), then
+    # the project is installed into the same environment
+    assert "fmnist_cluster" not in copies and "--no-install-project" in ins[setup[0]][1]
+    later = [(word, rest) for word, rest in ins[setup[0] + 1:]]
+    copied = " ".join(rest for word, rest in later if word == "COPY")
+    assert "fmnist_cluster" in copied and "tracking" in copied
+    assert any(word == "RUN" and "uv sync --frozen" in rest and "--inexact" in rest for word, rest in later)
     assert "--extra gpu" in ins[setup[0]][1]
+    assert ("ARG", "FMC_VARIANT=gpu") in ins  # the GPU image unless told otherwise
+    assert not (ROOT / "Dockerfile").read_text().startswith("# syntax=")  # a frontend fetched from a registry
     users = [rest for word, rest in ins if word == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert ("ENTRYPOINT", '["fmc"]') in ins
