@@ -88,6 +88,8 @@ def run(
     seed: Optional[int] = None,
     clusterers: Annotated[Optional[str], typer.Option(help="kmeans,gmm or one of them.")] = None,
     eval_split: Annotated[Optional[str], typer.Option(help="test, train (60k) or all (70k).")] = None,
+    fit_split: Annotated[Optional[str], typer.Option(
+        help="Images the autoencoder trains on: train (48k, the study's) or all (70k, N2D's; no val_loss).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Images per split for a quick run.")] = None,
     data_seed: Optional[int] = None,
     kmeans_n_init: Optional[int] = None,
@@ -130,7 +132,7 @@ def run(
     if manifold is not None:
         overrides["manifold"] = {"kind": manifold}
     for key, value in {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                       "seed": seed, "eval_split": eval_split, "eval_every": eval_every,
+                       "seed": seed, "eval_split": eval_split, "fit_split": fit_split, "eval_every": eval_every,
                        "clusterers": clusterers.split(",") if clusterers else None}.items():
         if value is not None:
             overrides[key] = value
@@ -266,12 +268,14 @@ def sweep(
         trained_in = {t.name: g[-1].name for g in groups for t in g}
         table.caption = (f"{len(groups)} Ray trials: trials that differ only after training share one "
                          "(--no-share-training: one each)")
-        for col in ("trial", "model", "epochs", "seed", "clusterers", "manifold", "eval", "subset", "trained in", "key"):
+        for col in ("trial", "model", "epochs", "seed", "clusterers", "manifold", "fit", "eval", "subset",
+                    "trained in", "key"):
             table.add_column(col)
         for t in trials:
             c = t.config
             table.add_row(t.name, c.model.label(), str(c.epochs), str(c.seed), ",".join(c.clusterers),
-                          c.manifold.kind, c.eval_split, str(c.data.subset or "all"), trained_in[t.name], c.key())
+                          c.manifold.kind, c.fit_split, c.eval_split, str(c.data.subset or "all"), trained_in[t.name],
+                          c.key())
         out.print(table)
         return
     from fmnist_cluster.data import DataError, find_data_dir

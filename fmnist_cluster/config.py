@@ -132,6 +132,10 @@ class TrialConfig(_Strict):
     kmeans: KMeansConfig = KMeansConfig()
     gmm: GMMConfig = GMMConfig()
     eval_split: Literal["test", "train", "all"] = "test"
+    # the images the autoencoder trains on: ``train`` (the study's: 48,000, with 12,000 held out for
+    # val_loss) or ``all`` (N2D's protocol: all 70,000, the clustered images included; nothing held out,
+    # so no val_loss)
+    fit_split: Literal["train", "all"] = "train"
     manifold: ManifoldConfig = ManifoldConfig()
     eval_every: int = Field(0, ge=0)  # epochs between scorings of the codes during training; 0: off
     # clusterers scored every eval_every epochs; None: all of the trial's clusterers
@@ -143,7 +147,7 @@ class TrialConfig(_Strict):
     def _normalise(cls, values: Any):
         # Raw pixels train nothing: epochs would only make two identical baselines look different.
         if isinstance(values, dict) and isinstance(values.get("model"), dict) and values["model"].get("kind") == "none":
-            values = {**values, "epochs": 0}
+            values = {**values, "epochs": 0, "fit_split": "train"}
         return values
 
     @model_validator(mode="after")
@@ -673,6 +677,10 @@ def load_sweep(path: str | Path) -> Sweep:
             if sweep.scheduler.grace_period >= longest:
                 report(("scheduler", "grace_period"), f"grace_period = {sweep.scheduler.grace_period} leaves no "
                                                       f"epoch to stop at: the trials train {longest} epochs")
+            unheld = [t.name for t in trials if t.config.fit_split == "all"]
+            if sweep.scheduler.metric == "val_loss" and unheld:
+                report(("scheduler", "metric"), f"metric val_loss: trial {unheld[0]!r} trains on all images "
+                                                "(fit_split: all) and holds none out; use metric: loss")
     if problems:
         lines = [f"{path}:{node.start_mark.line + 1}: {msg}" for node, msg in problems]
         raise SpecError("\n".join(lines))

@@ -223,7 +223,7 @@ def normalise(images: np.ndarray) -> np.ndarray:
     return (np.asarray(images, dtype=np.float32) / 255.0).reshape(-1, 28, 28, 1)
 
 
-def dataset_inputs(seed: int, subset: int | None, eval_split: str) -> list[dict]:
+def dataset_inputs(seed: int, subset: int | None, eval_split: str, fit_split: str = "train") -> list[dict]:
     """What a trial reads, as MLflow dataset inputs: the images it trains on (context ``training``)
     and those it clusters and scores (context ``evaluation``). The digest follows from the four files'
     checksums (checked on every load) and the split (seed, subset), so two runs that show the same
@@ -237,5 +237,8 @@ def dataset_inputs(seed: int, subset: int | None, eval_split: str) -> list[dict]
         digest = hashlib.sha256(f"{files}|{part}|seed={seed}|subset={subset}".encode()).hexdigest()[:16]
         return {"name": name, "digest": digest, "context": context, "split": split, "profile": profile}
 
-    return [record("fashion-mnist-train", "training", "train", {"train": train, "validation": val}),
+    trained = (record("fashion-mnist-train", "training", "train", {"train": train, "validation": val})
+               if fit_split == "train" else
+               record("fashion-mnist-all", "training", "all", {"train": train + val + test, "validation": 0}))
+    return [trained,
             record(f"fashion-mnist-{eval_split}", "evaluation", eval_split, {"images": scored})]

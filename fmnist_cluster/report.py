@@ -84,7 +84,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"case": _case_name(first["tags"].get("fmc.trial", first["name"])),
                "model": first["tags"].get("fmc.model", params.get("model.kind")),
                "epochs": int(params.get("epochs", 0)), "eval_split": params.get("eval_split", "test"),
-               "manifold": params.get("manifold.kind", "none"), "subset": params.get("data.subset"),
+               "manifold": params.get("manifold.kind", "none"), "fit_split": params.get("fit_split", "train"),
+               "subset": params.get("data.subset"),
                "n": len(members)}
         for metric in score_names(scores=SCORES) + list(EXTRA):
             values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
@@ -103,7 +104,7 @@ def study_figure(row: dict[str, Any], metric: str) -> float | None:
     (all of it, no ``data.subset``) and split; None when the study has none or the row is not comparable."""
     ref = study_reference().get(row["case"])
     if (ref is None or ref.get("eval_split", "test") != row["eval_split"] or row["manifold"] != "none"
-            or row.get("subset") not in (None, "None")):
+            or row.get("fit_split", "train") != "train" or row.get("subset") not in (None, "None")):
         return None
     return ref.get(metric)
 
@@ -129,6 +130,8 @@ def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(header, key) of the displayed table; scores in percent like the study. Keys ``study:{metric}``
     hold the study's figure beside fmc's; the manifold column appears when a row has one."""
     cols = [("case", "case"), ("model", "model"), ("epochs", "epochs"), ("split", "eval_split")]
+    if any(r.get("fit_split", "train") != "train" for r in rows):
+        cols.append(("trained on", "fit_split"))
     if any(r["manifold"] != "none" for r in rows):
         cols.append(("manifold", "manifold"))
     if any(r.get("subset") for r in rows):

@@ -175,7 +175,9 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
                 finish(config, stopped_at=epoch)
         return not early and any(config.epochs > epoch and is_open(config) for config in configs)
 
-    state.autoencoder.fit(data.x_train, data.x_train, validation_data=(data.x_val, data.x_val),
+    x_fit = data.x_train if lead.fit_split == "train" else data.split("all")[0]
+    held_out = (data.x_val, data.x_val) if lead.fit_split == "train" else None
+    state.autoencoder.fit(x_fit, x_fit, validation_data=held_out,
                           epochs=lead.epochs, batch_size=lead.batch_size, shuffle=True, verbose=verbose,
                           callbacks=[_epoch_callback(on_epoch, state.history, after_epoch, stop)])
 
@@ -210,12 +212,13 @@ def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]],
         def on_epoch_end(self, epoch, logs=None):
             logs = {k: float(v) for k, v in (logs or {}).items()}
             history.setdefault("epoch_seconds", []).append(time.perf_counter() - self._start)
-            for key in ("loss", "val_loss"):
-                history.setdefault(key, []).append(logs.get(key, math.nan))
+            for key in ("loss", "val_loss"):  # no val_loss when nothing is held out (fit_split: all)
+                if key in logs or key == "loss":
+                    history.setdefault(key, []).append(logs.get(key, math.nan))
             if not math.isfinite(logs.get("loss", math.nan)):
                 raise FloatingPointError(f"training loss is {logs.get('loss')} at epoch {epoch + 1}; the autoencoder diverged")
             if on_epoch is not None:
-                on_epoch(epoch + 1, {k: history[k][-1] for k in ("loss", "val_loss", "epoch_seconds")})
+                on_epoch(epoch + 1, {k: history[k][-1] for k in ("loss", "val_loss", "epoch_seconds") if k in history})
             if not after_epoch(epoch + 1):
                 self.model.stop_training = True  # no trial left that needs more epochs
 
@@ -280,8 +283,9 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
     result.history = {k: v[:config.epochs] for k, v in state.history.items()}
     result.timings["data_seconds"] = state.data_seconds
     x_eval, y_eval = data.split(config.eval_split)
-    result.info.update(data_source=data.source, n_train=len(data.y_train), n_val=len(data.y_val),
-                       n_eval=len(y_eval))
+    fit_all = config.fit_split == "all"
+    result.info.update(data_source=data.source, n_train=len(data.split("all")[1]) if fit_all else len(data.y_train),
+                       n_val=0 if fit_all else len(data.y_val), n_eval=len(y_eval))
 
     recon = None
     if state.autoencoder is not None:

@@ -118,3 +118,18 @@ def test_runs_recorded_before_a_default_changed_pool_with_later_ones():
     new["params"].pop("eval_clusterers", None)
     (row,) = report.aggregate([old, new])
     assert row["n"] == 2 and row["kmeans_acc_majority_mean"] == pytest.approx(0.53)
+
+
+def test_encoders_trained_on_all_images_are_rows_of_their_own_apart_from_the_study():
+    """fit_split: all (N2D's protocol) is not the study's training: its own row, a 'trained on' column,
+    no study figure beside it; runs recorded before the setting existed (no param) are the study's."""
+    older = run("case1", TrialConfig(), kmeans_acc_majority=0.57, kmeans_acc=0.5, kmeans_nmi=0.5)
+    older["params"].pop("fit_split", None)
+    whole = run("case1", TrialConfig(fit_split="all"), kmeans_acc_majority=0.6, kmeans_acc=0.55, kmeans_nmi=0.5)
+    rows = report.aggregate([older, whole])
+    assert sorted(r["fit_split"] for r in rows) == ["all", "train"]
+    by = {r["fit_split"]: r for r in rows}
+    assert report.study_figure(by["train"], "kmeans_acc_majority") is not None
+    assert report.study_figure(by["all"], "kmeans_acc_majority") is None
+    assert ("trained on", "fit_split") in report.columns(rows)
+    assert ("trained on", "fit_split") not in report.columns([by["train"]])

@@ -77,6 +77,8 @@ space:
     ("scheduler: {kind: asha, grace_period: 3}\n", ":6: scheduler.grace_period: grace_period = 3 leaves no epoch"),
     ("scheduler: {kind: asha, max_t: 9}\n", ":6: scheduler.max_t: max_t = 9 is past the trials' 3 epochs"),
     ("scheduler: {kind: hyperband}\n", ":6: scheduler.kind: Input should be 'asha'"),
+    ("  - {name: whole, fit_split: all}\nscheduler: {kind: asha}\n",
+     ":7: scheduler.metric: metric val_loss: trial 'whole' trains on all images (fit_split: all) and holds none out"),
 ])
 def test_search_and_scheduler_sections_are_validated(tmp_path, extra, expected):
     msg = problems(tmp_path, BASE + extra)

@@ -68,6 +68,22 @@ def test_eval_split_all_scores_every_image(small):
     assert result.confusion["kmeans_majority"].sum() == 675
 
 
+def test_fit_split_all_trains_on_every_image_and_holds_none_out(small):
+    """N2D's protocol: the autoencoder fits all 70,000 images (here the subset's 675), so there is no
+    val_loss; the study's default fits the 300 training images and reports val_loss on the 75 held out."""
+    default = run_trial(tiny(clusterers=["kmeans"]), data=small, threads=2, figures=False)
+    assert (default.info["n_train"], default.info["n_val"]) == (300, 75) and len(default.history["val_loss"]) == 1
+    epochs = []
+    whole = run_trial(tiny(clusterers=["kmeans"], fit_split="all"), data=small, threads=2, figures=False,
+                      on_epoch=lambda e, v: epochs.append(v))
+    assert (whole.info["n_train"], whole.info["n_val"]) == (675, 0)
+    assert "val_loss" not in whole.history and "val_loss" not in epochs[0] and epochs[0]["loss"] > 0
+    assert whole.history["loss"] != default.history["loss"]  # other images, other weights
+    assert whole.config.key() != default.config.key() and whole.config.training_key() != default.config.training_key()
+    # raw pixels train nothing: the setting is moot and does not split their key
+    assert tiny(model={"kind": "none"}, fit_split="all").key() == tiny(model={"kind": "none"}).key()
+
+
 def test_diverged_codes_are_reported(small):
     from fmnist_cluster.clustering import fit_predict
 

@@ -416,7 +416,7 @@ def _dataset_inputs(config) -> list:
     return [DatasetInput(Dataset(d["name"], d["digest"], "http", json.dumps({"url": DOWNLOAD_URL}),
                                  profile=json.dumps({**d["profile"], "split": d["split"]})),
                          tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
-            for d in dataset_inputs(config.data.seed, config.data.subset, config.eval_split)]
+            for d in dataset_inputs(config.data.seed, config.data.subset, config.eval_split, config.fit_split)]
 
 
 def _post_once(uri: str, endpoint: str, body: dict, *, timeout: float) -> dict:
