@@ -36,7 +36,7 @@ test-deps:
 test-fast: setup test-deps
 	$(PY) -m uv run pytest -m "not slow"
 
-# The stack on a real Docker engine (root): not yet part of `make test` (docs/deploy.md says why).
+# The stack on a real Docker engine (root), alone; `make test` runs it with the rest.
 test-engine: setup test-deps
 	$(PY) -m uv run pytest -m engine -n 0 tests/test_deploy_engine.py
 

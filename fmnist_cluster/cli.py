@@ -254,7 +254,7 @@ def sweep(
         if spec_.search is not None:
             raise fail(f"--trials: {spec} is a search (its trials are drawn as it runs); run it whole")
         trials = _select(trials, only, spec)
-    res = {"cpu": cpu or spec_.resources.cpu, "gpu": spec_.resources.gpu if gpu is None else gpu}
+    res = spec_.per_trial(cpu, gpu)
     if dry_run and spec_.search is not None:
         _print_search(spec, spec_, trials[0], res, max_concurrent)
         return

@@ -433,6 +433,10 @@ class Sweep(_Strict):
             values = {**values, "space": normalise_space(values["space"])}
         return values
 
+    def per_trial(self, cpu: float | None = None, gpu: float | None = None) -> dict[str, float]:
+        """What each trial asks Ray for: the file's ``resources`` with the command line's --cpu/--gpu on top."""
+        return {"cpu": cpu or self.resources.cpu, "gpu": self.resources.gpu if gpu is None else gpu}
+
     def expand(self) -> list[Trial]:
         """Resolved trials (validated by :func:`load_sweep`)."""
         return [Trial(name=name, config=TrialConfig(**cfg)) for name, cfg, _ in _expand(self)]

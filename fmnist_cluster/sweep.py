@@ -270,18 +270,17 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
     exp_id = tracker.experiment(sweep.experiment)
     searching = sweep.search is not None
     groups = [trials] if searching else group_trials(trials, share_training=share_training)
+    resources = sweep.per_trial(cpu, gpu)
     params = {"trials": sweep.search.num_samples if searching else len(trials),
               "ray_trials": sweep.search.num_samples if searching else len(groups),
-              "share_training": share_training, "resources.cpu": cpu or sweep.resources.cpu,
-              "resources.gpu": gpu if gpu is not None else sweep.resources.gpu,
-              "max_concurrent": max_concurrent or sweep.max_concurrent or "auto"}
+              "share_training": share_training, "resources.cpu": resources["cpu"],
+              "resources.gpu": resources["gpu"], "max_concurrent": max_concurrent or sweep.max_concurrent or "auto"}
     tags = {}
     if searching:
         params.update({f"search.{k}": v for k, v in sweep.search.model_dump().items()})
         tags["fmc.selection"] = "supervised" if sweep.search.supervised else "label-free"
     if sweep.scheduler is not None:
         params.update({f"scheduler.{k}": v for k, v in sweep.scheduler.model_dump().items() if v is not None})
-    resources = {"cpu": cpu or sweep.resources.cpu, "gpu": gpu if gpu is not None else sweep.resources.gpu}
     if not ray.is_initialized():
         # Trials log to MLflow themselves: on a cluster they get this driver's MLflow credentials
         # (a local Ray's workers inherit them anyway).

@@ -96,6 +96,13 @@ def test_secure_defaults(resolved):
     assert services["fmc"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     assert services["fmc"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
     assert services["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    # the CLI's Ray driver joins the head's node: it finds the node's raylet among the processes it
+    # sees and talks to it over loopback and shared memory (tests/test_deploy_engine.py runs it)
+    head = services["ray-head"]
+    for key in ("network_mode", "ipc", "pid"):
+        assert services["fmc"].get(key) == "service:ray-head", f"fmc's {key} is not the head's"
+    assert head.get("ipc") == "shareable"
+    assert any(str(v).startswith("ray-tmp:/tmp/ray") for v in head["volumes"] + services["fmc"]["volumes"])
     volumes = set(resolved["volumes"])
     assert {"postgres-data", "mlflow-artifacts"} <= volumes
     assert any(v.startswith("postgres-data:") for v in map(str, services["postgres"]["volumes"])) or any(
