@@ -384,7 +384,7 @@ def test_report_prints_table_and_chart(tracked_sweep, mlflow_server, run_fmc, tm
                   env={"MLFLOW_TRACKING_URI": mlflow_server})
     # a manifold column, as one trial of the sweep has a UMAP stage; then mean, std, min and max per score
     assert csv.stdout.splitlines()[0].startswith(
-        "case,model,epochs,eval_split,manifold,subset,n,kmeans_acc_mean,kmeans_acc_std,kmeans_acc_min,kmeans_acc_max")
+        "case,model,epochs,eval_split,manifold,fit_split,subset,n,kmeans_acc_mean,kmeans_acc_std,kmeans_acc_min,kmeans_acc_max")
     # subset runs are not set beside the study's full-data figures
     assert "study (Δ" not in res.stdout and "| subset |" in res.stdout
 

@@ -7,7 +7,7 @@ Artifacts: ``clusterer`` (skops file), ``encoder`` (.keras) unless it clusters r
 ``manifold`` when the trial had one (PCA: skops; UMAP: joblib).
 
 Every row is answered on its own, whatever else is in the request: PCA is a per-row map; UMAP's
-``transform`` optimises the rows of one call together, so each row is embedded alone. A row whose code
+``transform`` optimises the rows of one call together, so each row is encoded and embedded alone. A row whose code
 is one of the codes UMAP was fitted on (an image of the trial's own evaluation split) gets its fitted
 embedding, hence the trial's own cluster.
 """
@@ -62,7 +62,14 @@ class EncoderClusterer(PythonModel):
         x = x.reshape(-1, 28, 28, 1)
         if x.max(initial=0) > 1:
             x = x / 255.0
-        codes = x.reshape(len(x), -1) if self.encoder is None else self.encoder.predict(x, verbose=0)
+        if self.encoder is None:
+            codes = x.reshape(len(x), -1)
+        elif len(x) and getattr(self.manifold, "embedding_", None) is not None:
+            # UMAP's embedding of a new code is chaotic in the code's last bits, and the encoder's float
+            # noise depends on the batch it computes: encode each row alone, as UMAP embeds it
+            codes = np.concatenate([np.asarray(self.encoder(x[i:i + 1], training=False)) for i in range(len(x))])
+        else:
+            codes = self.encoder.predict(x, verbose=0)
         codes = np.asarray(codes, dtype=np.float32)
         if self.manifold is not None:
             codes = embed_rows(self.manifold, codes)
