@@ -283,9 +283,10 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
     result.history = {k: v[:config.epochs] for k, v in state.history.items()}
     result.timings["data_seconds"] = state.data_seconds
     x_eval, y_eval = data.split(config.eval_split)
-    fit_all = config.fit_split == "all"
-    result.info.update(data_source=data.source, n_train=len(data.split("all")[1]) if fit_all else len(data.y_train),
-                       n_val=0 if fit_all else len(data.y_val), n_eval=len(y_eval))
+    n_train, n_val = len(data.y_train), len(data.y_val)
+    if config.fit_split == "all":  # every image trained on, none held out (counted, not concatenated again)
+        n_train, n_val = n_train + n_val + len(data.y_test), 0
+    result.info.update(data_source=data.source, n_train=n_train, n_val=n_val, n_eval=len(y_eval))
 
     recon = None
     if state.autoencoder is not None:
