@@ -21,6 +21,9 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", envvar="FMC_DATA_
                                                   help="Folder of the four Fashion-MNIST IDX .gz files.")]
 TrackingUri = Annotated[Optional[str], typer.Option(
     "--tracking-uri", help="MLflow store; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")]
+CheckpointDir = Annotated[Optional[Path], typer.Option(
+    envvar="FMC_CHECKPOINT_DIR", help="Folder of the training checkpoints (fmc sweep: default "
+    "<storage path>/fmc-checkpoints; fmc run: none unless given). A training cut off goes on from there.")]
 SystemMetrics = Annotated[bool, typer.Option(
     help="Log each trial's CPU, memory, disk, network (and GPU) use as MLflow system metrics "
          "(every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10).")]
@@ -104,6 +107,7 @@ def run(
     data_dir: DataDir = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the backend.")] = None,
     system_metrics: SystemMetrics = True,
+    checkpoint_dir: CheckpointDir = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the backends' own log lines.")] = False,
 ) -> None:
     """Run one trial without Ray: from flags, or trial NAME of a sweep file with flags on top."""
@@ -153,11 +157,12 @@ def run(
         raise fail(f"invalid trial settings: {problems}") from None
     name = trial or f"{config.model.label()}-e{config.epochs}-seed{config.seed}"
     _run_one(config, name, experiment or "fmc-run", track=track, tracking_uri=tracking_uri,
-             data_dir=data_dir, threads=threads, system_metrics=system_metrics)
+             data_dir=data_dir, threads=threads, system_metrics=system_metrics, checkpoint_dir=checkpoint_dir)
 
 
 def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, data_dir, threads,
-             system_metrics: bool = True) -> None:
+             system_metrics: bool = True, checkpoint_dir: Path | None = None) -> None:
+    from fmnist_cluster.checkpoints import CheckpointError
     from fmnist_cluster.data import DataError, load_dataset
     from fmnist_cluster.trial import run_trial
     from tracking import TrackingError
@@ -180,11 +185,11 @@ def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, d
         if logger:
             with logger:
                 result = run_trial(config, data=data, threads=threads, on_epoch=logger.epoch, on_eval=logger.eval,
-                                   verbose=progress)
+                                   verbose=progress, checkpoint_dir=checkpoint_dir)
                 logger.result(result)
         else:
-            result = run_trial(config, data=data, threads=threads, verbose=progress)
-    except (FloatingPointError, ValueError) as e:
+            result = run_trial(config, data=data, threads=threads, verbose=progress, checkpoint_dir=checkpoint_dir)
+    except (FloatingPointError, ValueError, CheckpointError) as e:
         raise fail(f"trial {name} failed: {e}", 1) from None
     except TrackingError as e:
         raise fail(f"trial {name}: {e}", 1) from None
@@ -232,6 +237,9 @@ def sweep(
         envvar="FMC_STORAGE_PATH", help="Ray Tune's results folder (default ./ray_results).")] = None,
     share_training: Annotated[bool, typer.Option(
         help="Train once for trials that differ only in epochs, clusterers or manifold.")] = True,
+    checkpoints: Annotated[bool, typer.Option(
+        help="Checkpoint each training every epoch; a trial run again goes on from its last one.")] = True,
+    checkpoint_dir: CheckpointDir = None,
     num_gpus: Annotated[Optional[int], typer.Option(
         help="GPUs of a local Ray (default: detected); logical ones work for scheduling.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show the trials' and backends' own output.")] = False,
@@ -240,6 +248,7 @@ def sweep(
     _set_verbose(verbose)
     from fmnist_cluster.config import SpecError, load_sweep
 
+    where = (checkpoint_dir or Path(storage_path or "ray_results") / "fmc-checkpoints") if checkpoints else None
     try:
         spec_ = load_sweep(spec)
     except SpecError as e:
@@ -300,7 +309,7 @@ def sweep(
     if spec_.search is not None:
         _search(spec, spec_, trials, tracker, skip_recorded, rerun=rerun, address=address, cpu=cpu, gpu=gpu,
                 max_concurrent=max_concurrent, data_dir=data_dir, storage_path=storage_path, models=models,
-                num_gpus=num_gpus, verbose=verbose, system_metrics=system_metrics)
+                num_gpus=num_gpus, verbose=verbose, system_metrics=system_metrics, checkpoint_dir=where)
         return
     planned = plan(tracker, tracker.experiment(spec_.experiment), trials, rerun=rerun, recorded=recorded)
     for name, who in planned.busy.items():
@@ -321,7 +330,7 @@ def sweep(
                             max_concurrent=max_concurrent, data_dir=str(data_dir) if data_dir else None,
                             storage_path=storage_path, log_models=models, share_training=share_training,
                             num_gpus=num_gpus, verbose=2 if verbose else 1, rerun=rerun,
-                            system_metrics=system_metrics)
+                            system_metrics=system_metrics, checkpoint_dir=where)
     except (TrackingError, ClusterError) as e:
         raise fail(f"{e}", 1) from None
     outcome.trials += [TrialOutcome(t.name, "SKIPPED", error="recorded in " + str(skip_recorded)

@@ -96,7 +96,8 @@ def _one_line(error: BaseException) -> str:
 
 def run_ray_trial(param: dict, *, datasets: dict, ctx, log_models: bool, report, stop, outcomes: dict[str, Any],
                   system_metrics: bool = True, board=None, base=None, space=None, search=None,
-                  done: dict[str, dict[str, float]] | None = None) -> None:
+                  done: dict[str, dict[str, float]] | None = None, checkpoint_dir: str | None = None,
+                  resume: bool = True) -> None:
     """One Ray trial (in :class:`fmnist_cluster.tuning.GroupTrainable`'s thread): one group of trials
     (one training), one child run per trial; or, in a search, the one trial that ``param['sample']``
     makes from ``base`` (the sweep's trial) and ``space``. ``report(result)`` goes to Tune; ``stop()``
@@ -107,6 +108,8 @@ def run_ray_trial(param: dict, *, datasets: dict, ctx, log_models: bool, report,
     One trial's failure (its scoring, its logging refused by the store) fails that trial only: its
     run ends FAILED with the error and the group trains on for the others. Only the training itself
     failing, an interrupt or the store out of reach for the outage bound end the whole group.
+    With ``checkpoint_dir`` the training is checkpointed every epoch and resumes from there (see
+    :func:`fmnist_cluster.trial.run_group`); the checkpoints go once every trial of the group finished.
     """
     from fmnist_cluster.plots import close
     from fmnist_cluster.trial import run_group
@@ -209,12 +212,18 @@ def run_ray_trial(param: dict, *, datasets: dict, ctx, log_models: bool, report,
         # a search may sample the data settings: a dataset the driver did not load is loaded here
         run_group(todo, data=datasets.get((todo[0].data.subset, todo[0].data.seed)), threads=threads,
                   on_epoch=on_epoch, on_eval=on_eval, on_result=on_result,
-                  wanted=lambda config: config.key() in loggers, stop=stop)
+                  wanted=lambda config: config.key() in loggers, stop=stop, checkpoint_dir=checkpoint_dir,
+                  resume=resume)
     except BaseException as error:  # the training failed, was stopped or lost the store: every open trial ends
         for config in list(todo):
             fail(config, error)
         if not isinstance(error, Exception) or isinstance(error, TrackingOutage):
             raise  # an interrupt, or the store gone: Tune and the driver must know
+    if checkpoint_dir is not None and all(outcomes.get(name, {}).get("status") == "FINISHED"
+                                          and not outcomes[name].get("stopped_early") for name, _ in group):
+        from fmnist_cluster.checkpoints import TrainingCheckpoints
+
+        TrainingCheckpoints(checkpoint_dir, group[-1][1].training_key()).remove()  # the store has the models
     report(final())
 
 
@@ -247,7 +256,7 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
               data_dir: str | None = None, storage_path: str | None = None, log_models: bool = True,
               share_training: bool = True, num_gpus: int | None = None, verbose: int = 1,
               rerun: bool = False, system_metrics: bool = True,
-              done: dict[str, dict[str, float]] | None = None) -> SweepOutcome:
+              done: dict[str, dict[str, float]] | None = None, checkpoint_dir: str | None = None) -> SweepOutcome:
     """Run ``trials`` (the ``todo`` of :func:`plan`) of ``sweep`` on Ray Tune; return what happened to each.
 
     The tracker must be checked by the caller; this opens the parent run, runs the trials, closes the
@@ -255,7 +264,9 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
     local Ray (default: those it detects). With ``rerun`` every trial gets a new run even where one
     finished earlier (a trial another sweep is running now is still left to it). A search
     (``sweep.search``) samples ``sweep.space`` around ``trials[0]``; samples whose key has a finished
-    run, or is in ``done`` (key -> scores, from records), are not run again.
+    run, or is in ``done`` (key -> scores, from records), are not run again. ``checkpoint_dir``: where
+    the trainings are checkpointed every epoch (None: not at all); an interrupted training goes on from
+    its checkpoint when its trial runs again (not with ``rerun``, which trains anew).
     """
     # Tune's classic reporter, so that the progress table shows our metric columns
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -317,7 +328,9 @@ def run_sweep(sweep: Sweep, trials: list[Trial], *, tracker, address: str | None
                      "done": done or {}}
         trainable = tune.with_resources(
             tune.with_parameters(tuning.GroupTrainable, datasets=datasets, ctx=ctx, log_models=log_models,
-                                 system_metrics=system_metrics, board=board, **extra), resources)
+                                 system_metrics=system_metrics, board=board, resume=not rerun,
+                                 checkpoint_dir=None if checkpoint_dir is None else str(Path(checkpoint_dir).resolve()),
+                                 **extra), resources)
         limit = max_concurrent or sweep.max_concurrent
         if searching:
             param_space = {"sample": tuning.search_space(sweep.space, sweep.search)}

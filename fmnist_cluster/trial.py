@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +60,8 @@ class TrialResult:
 def run_trial(config: TrialConfig, *, data: Dataset | None = None, data_dir: str | None = None,
               threads: int | None = None, on_epoch: EpochHook | None = None,
               on_eval: Callable[[int, dict[str, float]], None] | None = None,
-              figures: bool = True, verbose: int | str = 0) -> TrialResult:
+              figures: bool = True, verbose: int | str = 0,
+              checkpoint_dir: str | os.PathLike | None = None) -> TrialResult:
     """Run one trial alone.
 
     Parameters
@@ -72,6 +74,8 @@ def run_trial(config: TrialConfig, *, data: Dataset | None = None, data_dir: str
     on_eval : called with (epoch, scores) each time ``eval_every`` scores the codes during training.
     figures : draw the figures (PCA scatter, reconstructions, loss curves, confusion heatmaps).
     verbose : Keras' ``fit`` verbosity (1 or "auto": a progress bar; 2: one line per epoch).
+    checkpoint_dir : checkpoint the training every epoch under this folder and resume from it
+        (:func:`run_group`); the trial's checkpoints are removed once it has finished.
     """
     results: list[TrialResult] = []
 
@@ -82,7 +86,11 @@ def run_trial(config: TrialConfig, *, data: Dataset | None = None, data_dir: str
 
     run_group([config], data=data, data_dir=data_dir, threads=threads, on_epoch=on_epoch,
               on_eval=None if on_eval is None else (lambda _c, epoch, scores: on_eval(epoch, scores)),
-              on_result=keep, figures=figures, verbose=verbose)
+              on_result=keep, figures=figures, verbose=verbose, checkpoint_dir=checkpoint_dir)
+    if checkpoint_dir is not None:
+        from fmnist_cluster.checkpoints import TrainingCheckpoints
+
+        TrainingCheckpoints(checkpoint_dir, config.training_key()).remove()
     return results[0]
 
 
@@ -91,7 +99,8 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
               data: Dataset | None = None, data_dir: str | None = None, threads: int | None = None,
               on_epoch: EpochHook | None = None, on_eval: EvalHook | None = None, figures: bool = True,
               verbose: int | str = 0, wanted: Callable[[TrialConfig], bool] | None = None,
-              stop: Callable[[], str | None] | None = None) -> None:
+              stop: Callable[[], str | None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              resume: bool = True) -> None:
     """Run trials that share their training (equal :meth:`TrialConfig.training_key`).
 
     The autoencoder trains once, to the largest ``epochs``; at the end of each trial's own epochs that
@@ -103,6 +112,12 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
     epoch and batch) answering ``"early"`` ends the training after that epoch and scores every open
     trial at the epoch reached (``info["stopped_early_at_epoch"]``); ``"interrupt"`` raises
     KeyboardInterrupt at the next batch.
+
+    With ``checkpoint_dir`` the training is checkpointed after every epoch
+    (:mod:`fmnist_cluster.checkpoints`) and, with ``resume``, goes on from the last checkpoint that
+    no open trial has passed: the restored epochs' losses and scores are handed to ``on_epoch`` and
+    ``on_eval`` again, so a new run gets the whole curve; ``info["resumed_from_epoch"]`` says where.
+    The caller removes the checkpoints once its trials are recorded (``TrainingCheckpoints.remove``).
     """
     if len({c.training_key() for c in configs}) != 1:
         raise ValueError("run_group: the trials differ in their training settings: "
@@ -136,6 +151,8 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
             return
         if stopped_at is not None:
             result.info["stopped_early_at_epoch"] = stopped_at
+        if state.resumed_from:
+            result.info["resumed_from_epoch"] = state.resumed_from
         on_result(config, result, None)
 
     if lead.model.kind == "none":  # raw pixels: nothing to train
@@ -146,10 +163,21 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
     from fmnist_cluster.models import build_autoencoder
 
     state.autoencoder, state.encoder = build_autoencoder(lead.model, learning_rate=lead.learning_rate)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        from fmnist_cluster.checkpoints import TrainingCheckpoints
 
-    def after_epoch(epoch: int) -> bool:
-        """Score and finish what is due at ``epoch``; False once no open trial needs more epochs."""
-        if lead.eval_every and epoch % lead.eval_every == 0:
+        checkpoints = TrainingCheckpoints(checkpoint_dir, lead.training_key())
+        shortest = min((c.epochs for c in configs if is_open(c)), default=0)
+        start = checkpoints.latest(shortest) if resume else None
+        if start:
+            _restore(checkpoints, start, state, configs, is_open, on_epoch, on_eval)
+    milestones = {c.epochs for c in configs}
+
+    def after_epoch(epoch: int, restored: bool = False) -> bool:
+        """Score and finish what is due at ``epoch``; False once no open trial needs more epochs.
+        ``restored``: the epoch of the checkpoint resumed from, whose scores during training are in."""
+        if lead.eval_every and epoch % lead.eval_every == 0 and not restored:
             t = time.perf_counter()
             done: dict[str, dict[str, float] | Exception] = {}  # trials with the same scoring settings share it
             for config in configs:
@@ -173,13 +201,42 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
                 finish(config)
             elif early and config.epochs > epoch:
                 finish(config, stopped_at=epoch)
-        return not early and any(config.epochs > epoch and is_open(config) for config in configs)
+        going_on = not early and any(config.epochs > epoch and is_open(config) for config in configs)
+        if checkpoints is not None and going_on and not restored:
+            checkpoints.save(epoch, state.autoencoder, {
+                "history": state.history, "eval_seconds": state.eval_seconds,
+                "evals": {key: {str(e): s for e, s in by_epoch.items()} for key, by_epoch in state.evals.items()}},
+                keep=milestones)
+        return going_on
 
+    initial_epoch = state.resumed_from or 0
+    if initial_epoch and not after_epoch(initial_epoch, restored=True):  # trials that end at the checkpoint: scored now
+        return
     x_fit = data.x_train if lead.fit_split == "train" else data.split("all")[0]
     held_out = (data.x_val, data.x_val) if lead.fit_split == "train" else None
-    state.autoencoder.fit(x_fit, x_fit, validation_data=held_out,
+    state.autoencoder.fit(x_fit, x_fit, validation_data=held_out, initial_epoch=initial_epoch,
                           epochs=lead.epochs, batch_size=lead.batch_size, shuffle=True, verbose=verbose,
                           callbacks=[_epoch_callback(on_epoch, state.history, after_epoch, stop)])
+
+
+def _restore(checkpoints, epoch: int, state: _State, configs: list[TrialConfig], is_open, on_epoch: EpochHook | None,
+             on_eval: EvalHook | None) -> None:
+    """Load the checkpoint of ``epoch`` into ``state`` and replay its epochs and scores to the hooks."""
+    from fmnist_cluster.models import encoder_of
+
+    state.autoencoder, saved = checkpoints.load(epoch)
+    state.encoder = encoder_of(state.autoencoder)
+    state.history = {k: list(v) for k, v in saved["history"].items()}
+    state.evals = {key: {int(e): s for e, s in by_epoch.items()} for key, by_epoch in saved["evals"].items()}
+    state.eval_seconds = float(saved["eval_seconds"])
+    state.resumed_from = epoch
+    for e in range(1, epoch + 1):
+        if on_epoch is not None:
+            on_epoch(e, {k: state.history[k][e - 1] for k in ("loss", "val_loss", "epoch_seconds") if k in state.history})
+        for config in configs:
+            scores = state.evals.get(config.key(), {}).get(e)
+            if scores is not None and on_eval is not None and is_open(config):
+                on_eval(config, e, scores)
 
 
 @dataclass
@@ -195,6 +252,7 @@ class _State:
     history: dict[str, list[float]] = field(default_factory=dict)
     evals: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # trial key -> epoch -> scores
     eval_seconds: float = 0.0
+    resumed_from: int | None = None  # the checkpoint's epoch the training went on from
 
 
 def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], bool],

@@ -511,5 +511,11 @@ def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
     runs = runs_by_name(client, "interrupt")
     for name in "ab":
         assert [r.info.status for r in runs[name]].count("FINISHED") == 1, (name, runs[name])
+    # a's training went on from its last checkpoint; its new run has the whole loss curve
+    (done,) = [r for r in runs["a"] if r.info.status == "FINISHED"]
+    assert 1 <= int(done.data.tags["fmc.resumed_from_epoch"]) < 8, done.data.tags
+    assert [m.step for m in client.get_metric_history(done.info.run_id, "loss")] == list(range(1, 9))
+    assert "fmc.resumed_from_epoch" not in next(r for r in runs["b"] if r.info.status == "FINISHED").data.tags
+    assert not list((tmp_path / "ray_results" / "fmc-checkpoints").glob("*/*"))  # gone once finished
     again = subprocess.run(FMC + ["sweep", str(spec)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "all 2 trials of 'interrupt' already finished" in again.stdout, again.stdout

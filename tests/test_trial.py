@@ -147,3 +147,63 @@ def test_a_trials_scoring_failure_during_training_fails_that_trial_only(small, m
     ((_, result, _),) = [h for h in handed if h[2] is None]
     assert result.config == short and sorted(result.evals) == [1, 2]
     assert epochs == [1, 2]  # the failed trial's two remaining epochs were not trained
+
+
+def test_an_interrupted_training_goes_on_from_its_checkpoint(small, tmp_path):
+    """A group of two trials (2 and 4 epochs) is interrupted in its fourth epoch: the 2-epoch trial is
+    scored, the epoch-2 checkpoint (a trial ends there) and the last one (3) are kept. Run again, the
+    2-epoch trial resumes at its own epoch and trains nothing; the 4-epoch trial goes on from epoch 3
+    with the weights and the optimizer's state of the checkpoint, its first three epochs' losses and
+    scores replayed as they were; its checkpoints go when it has finished."""
+    from fmnist_cluster.checkpoints import TrainingCheckpoints
+    from fmnist_cluster.trial import run_group
+
+    base = {"model": {"kind": "dense", "units": [32, 8]}, "eval_every": 1, "clusterers": ["kmeans"],
+            "batch_size": 64}
+    short, long = tiny(**base, epochs=2), tiny(**base, epochs=4)
+    ckpt = TrainingCheckpoints(tmp_path, long.training_key())
+    first, handed, scored = [], [], {}
+
+    def stop():  # Ctrl-C during epoch 4
+        return "interrupt" if len(first) == 3 else None
+
+    with pytest.raises(KeyboardInterrupt):
+        run_group([short, long], data=small, threads=2, figures=False, checkpoint_dir=tmp_path, stop=stop,
+                  on_epoch=lambda e, v: first.append(v), on_result=lambda c, r, err: handed.append((c, r, err)),
+                  on_eval=lambda c, e, s: scored.update({e: s}) if c == long else None)
+    assert [(c.epochs, err) for c, _, err in handed] == [(2, None)]
+    assert ckpt.epochs() == [2, 3]  # epoch 1 dropped once epoch 2 was written; 2 is a trial's end
+
+    again = []
+    run_group([short], data=small, threads=2, figures=False, checkpoint_dir=tmp_path,
+              on_epoch=lambda e, v: again.append(e), on_result=lambda c, r, err: handed.append((c, r, err)))
+    _, rerun, error = handed[-1]
+    assert error is None and rerun.info["resumed_from_epoch"] == 2 and again == [1, 2]
+    assert rerun.history["loss"] == [v["loss"] for v in first[:2]]
+
+    replayed, evals = [], {}
+    result = run_trial(long, data=small, threads=2, figures=False, checkpoint_dir=tmp_path,
+                       on_epoch=lambda e, v: replayed.append((e, v)), on_eval=lambda e, s: evals.update({e: s}))
+    assert result.info["resumed_from_epoch"] == 3
+    assert [e for e, _ in replayed] == [1, 2, 3, 4] and [v for _, v in replayed[:3]] == first
+    assert result.history["loss"][:3] == [v["loss"] for v in first] and len(result.history["val_loss"]) == 4
+    assert evals == scored and sorted(evals) == [1, 2, 3]  # the scores during training, replayed
+    assert sorted(result.evals) == [1, 2, 3, 4] and result.evals[3] == scored[3]
+    steps = -(-len(small.y_train) // 64)  # batches per epoch
+    assert int(result.models["autoencoder"].optimizer.iterations) == 4 * steps  # Adam went on from 3 epochs
+    assert not ckpt.folder.exists()
+
+
+def test_an_unreadable_checkpoint_is_named_and_nothing_trains(run_fmc, tmp_path):
+    """`fmc run --checkpoint-dir` over a checkpoint that is not a Keras file: exit 1, one message that
+    names the file and what to remove."""
+    config = TrialConfig(model={"kind": "dense", "units": [32, 8]}, epochs=3, data={"subset": 200})
+    folder = tmp_path / "ckpt" / config.training_key()
+    folder.mkdir(parents=True)
+    (folder / "epoch-0001.keras").write_bytes(b"not a zip")
+    (folder / "epoch-0001.json").write_text('{"epoch": 1, "history": {}, "evals": {}, "eval_seconds": 0}')
+    res = run_fmc("run", "--kind", "dense", "--units", "32,8", "--epochs", "3", "--subset", "200", "--no-track",
+                  "--checkpoint-dir", tmp_path / "ckpt")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "epoch-0001.keras cannot be read" in res.stderr and f"remove {folder}" in " ".join(res.stderr.split())
+    assert "loss:" not in res.stdout
