@@ -99,6 +99,8 @@ def run(
     gmm_n_init: Optional[int] = None,
     covariance_type: Optional[str] = None,
     gmm_impl: Annotated[Optional[str], typer.Option(help="sklearn (reference) or fast.")] = None,
+    gmm_components: Annotated[Optional[int], typer.Option(
+        help="Mixture components to fit, merged into the clusters by an entropy criterion (default: one each).")] = None,
     manifold: Annotated[Optional[str], typer.Option(help="none, umap or pca: a stage before the clusterers.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Score the codes every N epochs while training.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment (default: the sweep's, else fmc-run).")] = "",
@@ -142,7 +144,8 @@ def run(
             overrides[key] = value
     for section, key, value in [("data", "subset", subset), ("data", "seed", data_seed),
                                 ("kmeans", "n_init", kmeans_n_init), ("gmm", "n_init", gmm_n_init),
-                                ("gmm", "covariance_type", covariance_type), ("gmm", "impl", gmm_impl)]:
+                                ("gmm", "covariance_type", covariance_type), ("gmm", "impl", gmm_impl),
+                                ("gmm", "components", gmm_components)]:
         if value is not None:
             overrides[section][key] = value
     merged = deep_merge(base, {k: v for k, v in overrides.items() if v != {}})

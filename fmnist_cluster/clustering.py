@@ -15,7 +15,7 @@ def make_clusterer(name: str, config: TrialConfig):
         return KMeans(n_clusters=config.n_clusters, init="k-means++", n_init=config.kmeans.n_init,
                       max_iter=config.kmeans.max_iter, random_state=config.seed)
     if name == "gmm":
-        settings = dict(n_components=config.n_clusters, covariance_type=config.gmm.covariance_type,
+        settings = dict(n_components=config.gmm.components or config.n_clusters, covariance_type=config.gmm.covariance_type,
                         n_init=config.gmm.n_init, max_iter=config.gmm.max_iter, random_state=config.seed)
         if config.gmm.impl == "fast":
             from fmnist_cluster.fast_gmm import FastGaussianMixture
@@ -37,4 +37,48 @@ def fit_predict(name: str, config: TrialConfig, codes: np.ndarray):
     labels = estimator.fit_predict(codes)
     if hasattr(estimator, "to_sklearn"):
         estimator = estimator.to_sklearn()
+    if name == "gmm" and estimator.n_components > config.n_clusters:
+        # the fitted mixture keeps its components; which cluster each joins rides along (skops writes it)
+        estimator.fmc_merged_into_ = entropy_merge(estimator.predict_proba(codes), config.n_clusters)
+        labels = merged_proba(estimator, codes).argmax(axis=1)
     return estimator, labels.astype(np.int64)
+
+
+def entropy_merge(proba: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Merge mixture components into ``n_clusters`` clusters, two at a time, by the entropy criterion of
+    Baudry, Raftery, Celeux, Lo and Gottardo (2010, "Combining mixture components for clustering"):
+    each step joins the two clusters whose union lowers the entropy of the posterior assignments
+    ``proba`` (n, K) the most, i.e. the two the mixture tells apart the least. Labels are not used.
+
+    Returns (K,): the cluster (0..n_clusters-1) of each component, numbered by its first component.
+    """
+    groups = [[k] for k in range(proba.shape[1])]
+    cols = [np.asarray(proba[:, k], dtype=np.float64) for k in range(proba.shape[1])]
+
+    def plogp(t):
+        return np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0)
+
+    while len(groups) > n_clusters:
+        own = [plogp(c).sum() for c in cols]
+        best, pair = -np.inf, None
+        for a in range(len(cols)):
+            for b in range(a + 1, len(cols)):
+                gain = plogp(cols[a] + cols[b]).sum() - own[a] - own[b]  # entropy before minus after
+                if gain > best:
+                    best, pair = gain, (a, b)
+        a, b = pair
+        groups[a] += groups.pop(b)
+        cols[a] = cols[a] + cols.pop(b)
+    into = np.empty(proba.shape[1], dtype=np.int64)
+    for cluster, members in enumerate(sorted(groups, key=min)):
+        into[members] = cluster
+    return into
+
+
+def merged_proba(estimator, codes: np.ndarray) -> np.ndarray:
+    """(n, n_clusters) posterior of each merged cluster: the sum over its components."""
+    proba = estimator.predict_proba(codes)
+    into = estimator.fmc_merged_into_
+    out = np.zeros((len(proba), int(into.max()) + 1))
+    np.add.at(out.T, into, proba.T)
+    return out

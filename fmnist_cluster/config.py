@@ -70,12 +70,15 @@ class KMeansConfig(_Strict):
 
 
 class GMMConfig(_Strict):
-    """``impl``: ``sklearn`` (the reference) or ``fast`` (batched EM in Keras ops, same answer)."""
+    """``impl``: ``sklearn`` (the reference) or ``fast`` (batched EM in Keras ops, same answer).
+    ``components``: mixture components fitted (None: ``n_clusters``); more than ``n_clusters`` are then
+    merged into ``n_clusters`` clusters by the entropy criterion of Baudry et al. (2010), without labels."""
 
     impl: Literal["sklearn", "fast"] = "sklearn"
     n_init: PositiveInt = 10
     max_iter: PositiveInt = 300
     covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
+    components: PositiveInt | None = None
 
 
 class ManifoldConfig(_Strict):
@@ -160,6 +163,9 @@ class TrialConfig(_Strict):
             raise ValueError("epochs must be at least 1 for an autoencoder")
         if self.eval_every and self.model.kind == "none":
             raise ValueError(f"eval_every = {self.eval_every}: raw pixels train nothing to score during training")
+        if self.gmm.components is not None and self.gmm.components < self.n_clusters:
+            raise ValueError(f"gmm.components = {self.gmm.components} is fewer than n_clusters = {self.n_clusters}: "
+                             "components are merged into clusters, never split")
         if self.eval_clusterers is not None:
             if not self.eval_every:
                 raise ValueError("eval_clusterers applies only with eval_every (scores during training)")

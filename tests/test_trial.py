@@ -207,3 +207,46 @@ def test_an_unreadable_checkpoint_is_named_and_nothing_trains(run_fmc, tmp_path)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert "epoch-0001.keras cannot be read" in res.stderr and f"remove {folder}" in " ".join(res.stderr.split())
     assert "loss:" not in res.stdout
+
+
+def test_entropy_merge_joins_the_components_the_mixture_tells_apart_least():
+    """Four components: 0 and 1 share their images half and half (the mixture cannot tell them apart),
+    2 and 3 overlap a little, and each is sure elsewhere. Merged into 3: {0, 1}; into 2: {0, 1}, {2, 3}."""
+    from fmnist_cluster.clustering import entropy_merge
+
+    sure = np.eye(4)[np.repeat(np.arange(4), 50)]  # 200 images, 50 sure of each component
+    halves = np.tile([0.5, 0.5, 0.0, 0.0], (40, 1))
+    little = np.tile([0.0, 0.0, 0.8, 0.2], (10, 1))
+    proba = np.concatenate([sure, halves, little])
+    assert entropy_merge(proba, 3).tolist() == [0, 0, 1, 2]
+    assert entropy_merge(proba, 2).tolist() == [0, 0, 1, 1]
+    assert entropy_merge(proba, 4).tolist() == [0, 1, 2, 3]
+
+
+def test_more_mixture_components_merge_into_the_clusters_and_serve_so(small, tmp_path):
+    """gmm.components: 20 fits twenty components and merges them into ten clusters without labels;
+    the logged model (skops) keeps the twenty and the merge, and the served model answers the trial's
+    own clusters with ten probabilities that sum to one."""
+    from types import SimpleNamespace
+
+    import skops.io
+
+    from tracking.pyfunc_model import EncoderClusterer
+
+    config = tiny(model={"kind": "none"}, gmm={"n_init": 1, "covariance_type": "diag", "components": 20})
+    result = run_trial(config, data=small, figures=False)
+    gmm = result.models["gmm"]
+    assert gmm.n_components == 20 and sorted(set(gmm.fmc_merged_into_.tolist())) == list(range(10))
+    assert set(result.labels["gmm"].tolist()) <= set(range(10)) and result.confusion["gmm_hungarian"].shape == (10, 10)
+    assert {"gmm_acc", "gmm_nmi", "gmm_bic", "gmm_loglik"} <= set(result.metrics)
+    path = tmp_path / "gmm.skops"
+    skops.io.dump(gmm, path)
+    served = EncoderClusterer()
+    served.load_context(SimpleNamespace(artifacts={"clusterer": str(path)}))
+    x_eval, _ = small.split(config.eval_split)
+    out = served.predict(None, x_eval.reshape(len(x_eval), 784))
+    assert out["cluster"].tolist() == result.labels["gmm"].tolist()
+    probs = out[[f"prob_{k}" for k in range(10)]].to_numpy()
+    assert probs.shape[1] == 10 and np.allclose(probs.sum(axis=1), 1)
+    with pytest.raises(ValueError, match="fewer than n_clusters"):
+        tiny(gmm={"components": 5})

@@ -2,7 +2,8 @@
 
 Input: images as (n, 28, 28), (n, 28, 28, 1) or (n, 784) arrays (or a DataFrame of 784 columns),
 pixels in [0, 1] or in [0, 255] (anything above 1 is taken as 0..255). Output: a DataFrame with
-``cluster`` (0..k-1) and, for a Gaussian mixture, ``prob_0`` .. ``prob_{k-1}``.
+``cluster`` (0..k-1) and, for a Gaussian mixture, ``prob_0`` .. ``prob_{k-1}`` (a mixture of more
+components than clusters sums each cluster's components, as the trial merged them).
 Artifacts: ``clusterer`` (skops file), ``encoder`` (.keras) unless it clusters raw pixels, and
 ``manifold`` when the trial had one (PCA: skops; UMAP: joblib).
 
@@ -74,11 +75,17 @@ class EncoderClusterer(PythonModel):
         if self.manifold is not None:
             codes = embed_rows(self.manifold, codes)
         codes = np.asarray(codes, dtype=np.float64)
-        out = pd.DataFrame({"cluster": self.clusterer.predict(codes).astype(int)})
-        if hasattr(self.clusterer, "predict_proba"):
-            probs = self.clusterer.predict_proba(codes)
-            for k in range(probs.shape[1]):
-                out[f"prob_{k}"] = probs[:, k]
+        if not hasattr(self.clusterer, "predict_proba"):
+            return pd.DataFrame({"cluster": self.clusterer.predict(codes).astype(int)})
+        probs = self.clusterer.predict_proba(codes)
+        into = getattr(self.clusterer, "fmc_merged_into_", None)  # more components than clusters: merged
+        if into is not None:
+            merged = np.zeros((len(probs), int(into.max()) + 1))
+            np.add.at(merged.T, into, probs.T)
+            probs = merged
+        out = pd.DataFrame({"cluster": probs.argmax(axis=1).astype(int)})
+        for k in range(probs.shape[1]):
+            out[f"prob_{k}"] = probs[:, k]
         return out
 
 
