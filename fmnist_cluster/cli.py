@@ -197,6 +197,9 @@ def _run_one(config, name: str, experiment: str, *, track: bool, tracking_uri, d
     except TrackingError as e:
         raise fail(f"trial {name}: {e}", 1) from None
     print_results(name, result)
+    if result.info.get("resumed_from_epoch"):
+        out.print(f"the training went on from its checkpoint of epoch {result.info['resumed_from_epoch']} "
+                  f"in {checkpoint_dir}")
     if logger:
         out.print(f"logged to {logger.ctx.uri}, experiment {experiment!r}, run {logger.run_id}")
 
