@@ -219,8 +219,8 @@ def run_ray_trial(param: dict, *, datasets: dict, ctx, log_models: bool, report,
             fail(config, error)
         if not isinstance(error, Exception) or isinstance(error, TrackingOutage):
             raise  # an interrupt, or the store gone: Tune and the driver must know
-    if checkpoint_dir is not None and all(outcomes.get(name, {}).get("status") == "FINISHED"
-                                          and not outcomes[name].get("stopped_early") for name, _ in group):
+    if checkpoint_dir is not None and all(outcomes.get(name, {}).get("status") == "FINISHED" for name, _ in group):
+        # (a trial the scheduler stopped early is finished too: its run stands, nothing resumes it)
         from fmnist_cluster.checkpoints import TrainingCheckpoints
 
         TrainingCheckpoints(checkpoint_dir, group[-1][1].training_key()).remove()  # the store has the models
