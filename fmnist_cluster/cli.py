@@ -476,8 +476,10 @@ def report(
     experiment: Annotated[Optional[str], typer.Argument(help="MLflow experiment (the sweep's name).")] = None,
     format: Annotated[str, typer.Option("--format", help="table, markdown or csv.")] = "table",
     chart: Annotated[Optional[Path], typer.Option(help="Where to write the comparison PNG.")] = None,
-    records: Annotated[Optional[Path], typer.Option(
-        "--from", help="Report from a records file (fmc export) instead of MLflow.")] = None,
+    records: Annotated[Optional[list[Path]], typer.Option(
+        "--from", help="Report from records files (fmc export; repeat to pool several) instead of MLflow.")] = None,
+    criteria: Annotated[bool, typer.Option(
+        "--criteria", help="Also rank the label-free criteria: Spearman's ρ of each with acc and NMI over the runs.")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Study-style tables (mean ± std over seeds, beside the study's figures) and a comparison chart."""
@@ -485,16 +487,16 @@ def report(
 
     if format not in ("table", "markdown", "csv"):
         raise fail(f"--format must be table, markdown or csv, got {format!r}")
-    if (experiment is None) == (records is None):
+    if (experiment is None) == (not records):
         raise fail("name an EXPERIMENT in MLflow or a records file with --from, not both")
-    if records is not None:
+    if records:
         from fmnist_cluster.records import RecordError, read_records
 
         try:
-            runs = read_records(records)
+            runs = [run for path in records for run in read_records(path)]
         except RecordError as e:
             raise fail(str(e)) from None
-        experiment = records.stem
+        experiment = "+".join(path.stem for path in records)
     else:
         tracker = _tracker(tracking_uri)
         exp_id = tracker.experiment(experiment, create=False)
@@ -523,9 +525,34 @@ def report(
             for cells in rep.anchor_rows():
                 anchors.add_row(*cells)
             out.print(anchors)
+    if criteria:
+        _print_criteria(rep, runs, format)
     path = chart or Path(f"{experiment}-report.png")
     rep.comparison_chart(rows).savefig(path, dpi=120)
     err.print(f"chart written to {path}")
+
+
+def _print_criteria(rep, runs: list, format: str) -> None:
+    """The label-free criteria's rank correlations with the labels' scores, after the report's table."""
+    rows = rep.criteria(runs)
+    if format == "csv":
+        import csv
+
+        sys.stdout.write("\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["clusterer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    elif format == "markdown":
+        sys.stdout.write("\nLabel-free criteria against the labels' scores (Spearman's ρ over the runs):\n\n| "
+                         + " | ".join(rep.CRITERIA_HEADERS) + " |\n|" + " --- |" * len(rep.CRITERIA_HEADERS) + "\n"
+                         + "".join("| " + " | ".join(cells) + " |\n" for cells in rep.criteria_rows(rows)))
+    else:
+        table = Table(title="label-free criteria against the labels' scores: Spearman's ρ over the runs")
+        for header in rep.CRITERIA_HEADERS:
+            table.add_column(header, justify="left" if header.startswith(("clusterer", "criterion")) else "right")
+        for cells in rep.criteria_rows(rows):
+            table.add_row(*cells)
+        out.print(table)
 
 
 @app.command()

@@ -247,3 +247,41 @@ def comparison_chart(rows: list[dict[str, Any]]):
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.06 - 0.045 * depth), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def criteria(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How well each label-free criterion ranks the runs as the labels do: Spearman's rank correlation
+    of ``{clusterer}_{criterion}`` with the same clusterer's Hungarian ``acc`` and its ``nmi``, over the
+    runs that have both (the newest run of each trial key). Rows: clusterer, criterion, better (max or
+    min: the direction a selection rule would take), n, rho_acc, rho_nmi (None below 3 runs or for a
+    constant column)."""
+    from scipy.stats import spearmanr
+
+    from fmnist_cluster.metrics import LABEL_FREE
+
+    runs = newest_per_trial(runs)
+    rows = []
+    for clusterer, named in LABEL_FREE.items():
+        for criterion, better in named.items():
+            row = {"clusterer": clusterer, "criterion": criterion, "better": better}
+            for score in ("acc", "nmi"):
+                pairs = [(r["metrics"][f"{clusterer}_{criterion}"], r["metrics"][f"{clusterer}_{score}"]) for r in runs
+                         if f"{clusterer}_{criterion}" in r["metrics"] and f"{clusterer}_{score}" in r["metrics"]]
+                rho = None
+                if len(pairs) >= 3 and len({p[0] for p in pairs}) > 1 and len({p[1] for p in pairs}) > 1:
+                    rho = float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+                row["n"], row[f"rho_{score}"] = len(pairs), rho
+            if row["n"]:
+                rows.append(row)
+    return rows
+
+
+def criteria_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Display cells: clusterer, criterion (better), n, ρ with acc, ρ with NMI."""
+    def show(rho):
+        return "-" if rho is None else f"{rho:+.2f}"
+    return [[LABEL.get(r["clusterer"], r["clusterer"]), f"{r['criterion']} ({r['better']})", str(r["n"]),
+             show(r["rho_acc"]), show(r["rho_nmi"])] for r in rows]
+
+
+CRITERIA_HEADERS = ("clusterer", "criterion (better)", "n", "ρ with acc", "ρ with NMI")

@@ -133,3 +133,37 @@ def test_encoders_trained_on_all_images_are_rows_of_their_own_apart_from_the_stu
     assert report.study_figure(by["all"], "kmeans_acc_majority") is None
     assert ("trained on", "fit_split") in report.columns(rows)
     assert ("trained on", "fit_split") not in report.columns([by["train"]])
+
+
+def test_label_free_criteria_are_ranked_against_the_labels_scores():
+    """Spearman's ρ of each criterion with the same clusterer's acc and NMI, over the runs that have
+    both: a criterion that orders the runs as acc does gets +1, one that orders them backwards -1; a
+    criterion on fewer than three runs gets no ρ."""
+    accs = [0.50, 0.62, 0.55, 0.70]
+    runs = [run(f"t{s}", TrialConfig(seed=s), gmm_acc=a, gmm_nmi=a, gmm_silhouette=a / 2, gmm_bic=-a * 1e5,
+                gmm_loglik=(a - 0.6) ** 2, **({"kmeans_acc": a, "kmeans_nmi": a, "kmeans_inertia": a} if s < 2 else {}))
+            for s, a in enumerate(accs)]
+    rows = {(r["clusterer"], r["criterion"]): r for r in report.criteria(runs)}
+    assert rows[("gmm", "silhouette")]["rho_acc"] == pytest.approx(1) and rows[("gmm", "bic")]["rho_nmi"] == pytest.approx(-1)
+    assert rows[("gmm", "loglik")]["n"] == 4 and abs(rows[("gmm", "loglik")]["rho_acc"]) < 1
+    assert rows[("kmeans", "inertia")]["n"] == 2 and rows[("kmeans", "inertia")]["rho_acc"] is None
+    assert ("kmeans", "silhouette") not in rows  # no run has it
+
+
+def test_report_pools_records_files_and_prints_the_criteria(run_fmc):
+    """`fmc report --from A --from B --criteria`: both files' runs in one table, and the criteria's ρ
+    as report.criteria computes them on the same records (the repository's own results)."""
+    from conftest import ROOT
+
+    from fmnist_cluster.records import read_records
+
+    files = [ROOT / "results" / "beyond-amd.jsonl", ROOT / "results" / "n2d-protocol.jsonl"]
+    res = run_fmc("report", "--from", files[0], "--from", files[1], "--criteria", "--format", "markdown")
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = report.criteria([r for f in files for r in read_records(f)])
+    said = {line.split("|")[2].strip(): line for line in res.stdout.splitlines() if line.startswith("| GMM |")}
+    for row in expected:
+        if row["clusterer"] == "gmm":
+            cells = [c.strip() for c in said[f"{row['criterion']} ({row['better']})"].split("|")[3:6]]
+            assert cells == [str(row["n"]), f"{row['rho_acc']:+.2f}", f"{row['rho_nmi']:+.2f}"]
+    assert "n2d-all-e100" in res.stdout and "n2d-e50" in res.stdout  # both files' rows
