@@ -9,13 +9,15 @@ from sklearn.mixture import GaussianMixture
 from fmnist_cluster.config import TrialConfig
 
 
-def make_clusterer(name: str, config: TrialConfig):
-    """An unfitted scikit-learn estimator with the trial's settings (the study's by default)."""
+def make_clusterer(name: str, config: TrialConfig, components: int | None = None):
+    """An unfitted scikit-learn estimator with the trial's settings (the study's by default);
+    ``components``: the mixture's size when ``gmm.components`` lists several."""
     if name == "kmeans":
         return KMeans(n_clusters=config.n_clusters, init="k-means++", n_init=config.kmeans.n_init,
                       max_iter=config.kmeans.max_iter, random_state=config.seed)
     if name == "gmm":
-        settings = dict(n_components=config.gmm.components or config.n_clusters, covariance_type=config.gmm.covariance_type,
+        size = components or config.gmm.components or config.n_clusters
+        settings = dict(n_components=size, covariance_type=config.gmm.covariance_type,
                         n_init=config.gmm.n_init, max_iter=config.gmm.max_iter, random_state=config.seed)
         if config.gmm.impl == "fast":
             from fmnist_cluster.fast_gmm import FastGaussianMixture
@@ -33,15 +35,25 @@ def fit_predict(name: str, config: TrialConfig, codes: np.ndarray):
     codes = np.asarray(codes, dtype=np.float64)  # scikit-learn's GMM is float64 inside anyway
     if not np.isfinite(codes).all():
         raise FloatingPointError(f"{name}: the latent codes contain NaN or inf; the autoencoder diverged")
-    estimator = make_clusterer(name, config)
-    labels = estimator.fit_predict(codes)
-    if hasattr(estimator, "to_sklearn"):
-        estimator = estimator.to_sklearn()
+    if name == "gmm" and isinstance(config.gmm.components, tuple):  # BIC chooses the mixture's size
+        fits = [_fitted(make_clusterer(name, config, components=k), codes) for k in config.gmm.components]
+        estimator = min(fits, key=lambda est: (est.bic(codes), est.n_components))
+        labels = estimator.predict(codes)
+    else:
+        estimator = make_clusterer(name, config)
+        labels = estimator.fit_predict(codes)
+        if hasattr(estimator, "to_sklearn"):
+            estimator = estimator.to_sklearn()
     if name == "gmm" and estimator.n_components > config.n_clusters:
         # the fitted mixture keeps its components; which cluster each joins rides along (skops writes it)
         estimator.fmc_merged_into_ = entropy_merge(estimator.predict_proba(codes), config.n_clusters)
         labels = merged_proba(estimator, codes).argmax(axis=1)
     return estimator, labels.astype(np.int64)
+
+
+def _fitted(estimator, codes: np.ndarray):
+    estimator.fit(codes)
+    return estimator.to_sklearn() if hasattr(estimator, "to_sklearn") else estimator
 
 
 def entropy_merge(proba: np.ndarray, n_clusters: int) -> np.ndarray:

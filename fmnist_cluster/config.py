@@ -72,13 +72,15 @@ class KMeansConfig(_Strict):
 class GMMConfig(_Strict):
     """``impl``: ``sklearn`` (the reference) or ``fast`` (batched EM in Keras ops, same answer).
     ``components``: mixture components fitted (None: ``n_clusters``); more than ``n_clusters`` are then
-    merged into ``n_clusters`` clusters by the entropy criterion of Baudry et al. (2010), without labels."""
+    merged into ``n_clusters`` clusters by the entropy criterion of Baudry et al. (2010), without labels.
+    A list: a mixture of each size is fitted and the one of lowest BIC is merged (Baudry et al.'s
+    procedure: BIC chooses the components, entropy the clusters)."""
 
     impl: Literal["sklearn", "fast"] = "sklearn"
     n_init: PositiveInt = 10
     max_iter: PositiveInt = 300
     covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
-    components: PositiveInt | None = None
+    components: PositiveInt | tuple[PositiveInt, ...] | None = None
 
 
 class ManifoldConfig(_Strict):
@@ -163,8 +165,11 @@ class TrialConfig(_Strict):
             raise ValueError("epochs must be at least 1 for an autoencoder")
         if self.eval_every and self.model.kind == "none":
             raise ValueError(f"eval_every = {self.eval_every}: raw pixels train nothing to score during training")
-        if self.gmm.components is not None and self.gmm.components < self.n_clusters:
-            raise ValueError(f"gmm.components = {self.gmm.components} is fewer than n_clusters = {self.n_clusters}: "
+        sizes = (self.gmm.components,) if isinstance(self.gmm.components, int) else self.gmm.components or ()
+        if isinstance(self.gmm.components, tuple) and (not sizes or len(set(sizes)) != len(sizes)):
+            raise ValueError(f"gmm.components {list(sizes)}: a list names each number of components once")
+        if sizes and min(sizes) < self.n_clusters:
+            raise ValueError(f"gmm.components = {min(sizes)} is fewer than n_clusters = {self.n_clusters}: "
                              "components are merged into clusters, never split")
         if self.eval_clusterers is not None:
             if not self.eval_every:

@@ -316,6 +316,8 @@ def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, cluster
         if result is not None:
             result.timings[f"{name}_seconds"] = time.perf_counter() - t
             result.models[name] = estimator
+            if name == "gmm" and config.gmm.components is not None:  # how many the mixture fitted (and merged)
+                result.metrics["gmm_components"] = float(estimator.n_components)
             for score, value in metrics.score_all(y_eval, out[name]).items():
                 result.metrics[f"{name}_{score}"] = value
             t = time.perf_counter()

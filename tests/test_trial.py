@@ -248,5 +248,26 @@ def test_more_mixture_components_merge_into_the_clusters_and_serve_so(small, tmp
     assert out["cluster"].tolist() == result.labels["gmm"].tolist()
     probs = out[[f"prob_{k}" for k in range(10)]].to_numpy()
     assert probs.shape[1] == 10 and np.allclose(probs.sum(axis=1), 1)
+    assert result.metrics["gmm_components"] == 20
     with pytest.raises(ValueError, match="fewer than n_clusters"):
         tiny(gmm={"components": 5})
+
+
+def test_bic_chooses_how_many_components_are_merged(small):
+    """gmm.components as a list: a mixture of each size is fitted and the one of lowest BIC is merged
+    into the clusters; the trial says which size it took."""
+    from fmnist_cluster.clustering import make_clusterer
+
+    sizes = [10, 12, 16]
+    config = tiny(model={"kind": "none"}, clusterers=["gmm"],
+                  gmm={"n_init": 1, "covariance_type": "diag", "components": sizes})
+    result = run_trial(config, data=small, figures=False)
+    x_eval, _ = small.split(config.eval_split)
+    codes = x_eval.reshape(len(x_eval), -1).astype(np.float64)
+    bics = {k: make_clusterer("gmm", config, components=k).fit(codes).bic(codes) for k in sizes}
+    chosen = min(bics, key=bics.get)
+    assert result.models["gmm"].n_components == result.metrics["gmm_components"] == chosen
+    assert set(result.labels["gmm"].tolist()) <= set(range(10))
+    for bad in ([], [12, 12], [8, 12]):
+        with pytest.raises(ValueError):
+            tiny(gmm={"components": bad})
