@@ -253,6 +253,7 @@ class _State:
     evals: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # trial key -> epoch -> scores
     eval_seconds: float = 0.0
     resumed_from: int | None = None  # the checkpoint's epoch the training went on from
+    manifolds: dict[str, tuple] = field(default_factory=dict)  # the last manifold fitted: (reducer, features, s)
 
 
 def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], bool],
@@ -299,17 +300,29 @@ def _codes(config: TrialConfig, state: _State) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, clusterers, threads: int | None,
-             result: TrialResult | None = None) -> dict[str, np.ndarray]:
+             result: TrialResult | None = None, state: _State | None = None) -> dict[str, np.ndarray]:
     """Manifold (if any) then each clusterer on ``codes``; scores into ``result.metrics`` (and timings,
-    models when a result is given). Returns {clusterer: labels} and, under "features", what was clustered."""
+    models when a result is given). Returns {clusterer: labels} and, under "features", what was clustered.
+    With ``state``, trials of a group scored at the same epoch with the same manifold settings share
+    one fit of it (it is deterministic for a seed); each reports the fit's seconds."""
     from fmnist_cluster.manifold import fit_manifold
 
     t = time.perf_counter()
-    reducer, features = fit_manifold(config, codes, threads=threads)
+    shared = None
+    if state is not None and config.manifold.kind != "none":
+        shared = json.dumps([config.manifold.model_dump(mode="json"), config.seed, config.eval_split,
+                             len(state.history.get("loss", []))])
+    if shared is not None and shared in state.manifolds:
+        reducer, features, seconds = state.manifolds[shared]
+    else:
+        reducer, features = fit_manifold(config, codes, threads=threads)
+        seconds = time.perf_counter() - t
+        if shared is not None:
+            state.manifolds = {shared: (reducer, features, seconds)}  # the latest only: memory stays bounded
     out = {"features": features}
     if result is not None and reducer is not None:
         result.models["manifold"] = reducer
-        result.timings["manifold_seconds"] = time.perf_counter() - t
+        result.timings["manifold_seconds"] = seconds
     for name in clusterers:
         t = time.perf_counter()
         estimator, out[name] = fit_predict(name, config, features)
@@ -330,7 +343,7 @@ def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, cluster
 def _score_codes(config: TrialConfig, state: _State, clusterers) -> dict[str, float]:
     """Scores of the current codes (during training): {clusterer}_{score} for ``clusterers``."""
     codes, y_eval = _codes(config, state)
-    labels = _cluster(config, codes, y_eval, clusterers, state.threads)
+    labels = _cluster(config, codes, y_eval, clusterers, state.threads, state=state)
     return {f"{name}_{score}": value for name in clusterers
             for score, value in metrics.score_all(y_eval, labels[name]).items()}
 
@@ -363,7 +376,7 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
     else:
         codes, _ = _codes(config, state)
 
-    labels = _cluster(config, codes, y_eval, config.clusterers, state.threads, result)
+    labels = _cluster(config, codes, y_eval, config.clusterers, state.threads, result, state=state)
     features = labels.pop("features")
     result.labels = dict(labels)
     for name in config.clusterers:

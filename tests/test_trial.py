@@ -271,3 +271,22 @@ def test_bic_chooses_how_many_components_are_merged(small):
     for bad in ([], [12, 12], [8, 12]):
         with pytest.raises(ValueError):
             tiny(gmm={"components": bad})
+
+
+def test_trials_of_a_group_share_one_manifold_fit_and_score_as_alone(small):
+    """Two trials on one training, the same UMAP settings, different mixtures: UMAP is fitted once for
+    both (the same reducer), and the plain trial's scores are those it gets alone."""
+    from fmnist_cluster.trial import run_group
+
+    base = {"model": {"kind": "dense", "units": [32, 8]}, "clusterers": ["gmm"], "epochs": 2,
+            "manifold": {"kind": "umap", "n_neighbors": 10}}
+    plain, merged = tiny(**base), tiny(**{**base, "gmm": {"n_init": 1, "covariance_type": "diag", "components": 12}})
+    results = {}
+    run_group([plain, merged], data=small, threads=2, figures=False,
+              on_result=lambda c, r, err: results.update({c.key(): (r, err)}))
+    (a, err_a), (b, err_b) = results[plain.key()], results[merged.key()]
+    assert err_a is None and err_b is None
+    assert a.models["manifold"] is b.models["manifold"] and a.timings["manifold_seconds"] == b.timings["manifold_seconds"]
+    alone = run_trial(plain, data=small, threads=2, figures=False)
+    assert {k: v for k, v in alone.metrics.items() if k.startswith("gmm_")} == \
+        {k: v for k, v in a.metrics.items() if k.startswith("gmm_")}
