@@ -480,6 +480,8 @@ def report(
         "--from", help="Report from records files (fmc export; repeat to pool several) instead of MLflow.")] = None,
     criteria: Annotated[bool, typer.Option(
         "--criteria", help="Also rank the label-free criteria: Spearman's ρ of each with acc and NMI over the runs.")] = False,
+    compare: Annotated[Optional[str], typer.Option(
+        "--compare", help="A,B: case B against case A seed by seed (e.g. case5,case6: do more epochs help?).")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Study-style tables (mean ± std over seeds, beside the study's figures) and a comparison chart."""
@@ -506,6 +508,7 @@ def report(
     rows = rep.aggregate(runs)
     if not rows:
         raise fail(f"{experiment!r} has no finished trial runs yet")
+    compared = None if compare is None else _comparison_rows(rep, runs, compare)  # refused before any table
     if format == "markdown":
         sys.stdout.write(rep.to_markdown(rows))
     elif format == "csv":
@@ -527,6 +530,8 @@ def report(
             out.print(anchors)
     if criteria:
         _print_criteria(rep, runs, format)
+    if compared is not None:
+        _print_comparison(*compared, format)
     path = chart or Path(f"{experiment}-report.png")
     rep.comparison_chart(rows).savefig(path, dpi=120)
     err.print(f"chart written to {path}")
@@ -553,6 +558,45 @@ def _print_criteria(rep, runs: list, format: str) -> None:
         for cells in rep.criteria_rows(rows):
             table.add_row(*cells)
         out.print(table)
+
+
+def _comparison_rows(rep, runs: list, cases: str) -> tuple[list[str], list[dict]]:
+    """(the two case names, rep.compare's rows) of ``--compare A,B``; a clear refusal when it cannot be."""
+    names = [c.strip() for c in cases.split(",")]
+    if len(names) != 2 or not all(names):
+        raise fail(f"--compare takes two case names, A,B, got {cases!r}")
+    rows = rep.compare(runs, *names)
+    if not rows:
+        known = sorted({rep.case_name(r["tags"].get("fmc.trial", r["name"])) for r in runs})
+        raise fail(f"--compare {cases}: no seed has runs of both cases; cases are: {', '.join(known)}")
+    return names, rows
+
+
+def _print_comparison(names: list[str], rows: list[dict], format: str) -> None:
+    """Case B against case A, seed by seed, after the report's table."""
+    headers = ("score", "seeds", f"{names[1]} - {names[0]} per seed (points)", "mean ± std", "every seed the same way")
+    cells = [[LABELS.get(r["metric"], r["metric"]), ",".join(map(str, r["seeds"])),
+              " ".join(f"{d:+.2f}" for d in r["diffs"]),
+              f"{r['mean']:+.2f}" + ("" if r["std"] is None else f" ± {r['std']:.2f}"), "yes" if r["same_sign"] else "no"]
+             for r in rows]
+    if format in ("markdown", "csv"):
+        sep = " | " if format == "markdown" else ","
+        lines = [sep.join(headers)] + (["|" + " --- |" * len(headers)] if format == "markdown" else [])
+        lines += [sep.join(c) for c in cells]
+        if format == "markdown":
+            lines = [lines[0].join(["| ", " |"]), lines[1]] + [line.join(["| ", " |"]) for line in lines[2:]]
+        sys.stdout.write("\n" + "\n".join(lines) + "\n")
+    else:
+        table = Table(title=f"{names[1]} against {names[0]}, seed by seed")
+        for header in headers:
+            table.add_column(header)
+        for row in cells:
+            table.add_row(*row)
+        out.print(table)
+
+
+LABELS = {f"{c}_{s}": f"{name} {s}" for c, name in (("kmeans", "KMeans"), ("gmm", "GMM"))
+          for s in ("acc", "acc_majority", "nmi")}
 
 
 @app.command()

@@ -45,7 +45,8 @@ def anchors() -> list[dict[str, Any]]:
     return _reference()["anchors"]
 
 
-def _case_name(trial: str) -> str:
+def case_name(trial: str) -> str:
+    """A trial's case: its name without the seed suffixes."""
     return re.sub(r"(-data\.?seed\d+|-seed\d+)+$", "", trial)
 
 
@@ -81,7 +82,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for members in groups.values():
         first = members[0]
         params = first["params"]
-        row = {"case": _case_name(first["tags"].get("fmc.trial", first["name"])),
+        row = {"case": case_name(first["tags"].get("fmc.trial", first["name"])),
                "model": first["tags"].get("fmc.model", params.get("model.kind")),
                "epochs": int(params.get("epochs", 0)), "eval_split": params.get("eval_split", "test"),
                "manifold": params.get("manifold.kind", "none"), "fit_split": params.get("fit_split", "train"),
@@ -285,3 +286,27 @@ def criteria_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 
 CRITERIA_HEADERS = ("clusterer", "criterion (better)", "n", "ρ with acc", "ρ with NMI")
+
+
+def compare(runs: list[dict[str, Any]], first: str, second: str) -> list[dict[str, Any]]:
+    """Case ``second`` against case ``first`` seed by seed (the study's epoch question: cases 5 -> 6):
+    for each score, the difference second - first (points) on every seed both have, its mean and
+    standard deviation, and whether every seed moved the same way. Rows: metric, seeds, diffs, mean,
+    std (None for one seed), same_sign; the cases are trial names without their ``-seedN``."""
+    def by_seed(case: str) -> dict[str, dict[str, Any]]:
+        return {run["params"].get("seed", "0"): run for run in newest_per_trial(runs)
+                if case_name(run["tags"].get("fmc.trial", run["name"])) == case}
+
+    a, b = by_seed(first), by_seed(second)
+    seeds = sorted(set(a) & set(b), key=int)
+    rows = []
+    for metric in score_names(scores=SCORES):
+        pairs = [(s, a[s]["metrics"][metric], b[s]["metrics"][metric]) for s in seeds
+                 if metric in a[s]["metrics"] and metric in b[s]["metrics"]]
+        if not pairs:
+            continue
+        diffs = [100 * (y - x) for _, x, y in pairs]
+        rows.append({"metric": metric, "seeds": [int(s) for s, _, _ in pairs], "diffs": diffs, "mean": mean(diffs),
+                     "std": stdev(diffs) if len(diffs) > 1 else None,
+                     "same_sign": all(d > 0 for d in diffs) or all(d < 0 for d in diffs)})
+    return rows

@@ -167,3 +167,32 @@ def test_report_pools_records_files_and_prints_the_criteria(run_fmc):
             cells = [c.strip() for c in said[f"{row['criterion']} ({row['better']})"].split("|")[3:6]]
             assert cells == [str(row["n"]), f"{row['rho_acc']:+.2f}", f"{row['rho_nmi']:+.2f}"]
     assert "n2d-all-e100" in res.stdout and "n2d-e50" in res.stdout  # both files' rows
+
+
+def test_two_cases_compare_seed_by_seed():
+    """case6 against case5 on the seeds both have: the per-seed differences in points, their mean and
+    std, and whether every seed moved the same way; a seed only one case has is left out."""
+    runs = [run(f"case5-seed{s}", TrialConfig(seed=s, epochs=10), gmm_acc=0.50 + s / 100, kmeans_acc=0.40)
+            for s in range(3)]
+    runs += [run(f"case6-seed{s}", TrialConfig(seed=s, epochs=25), gmm_acc=0.52 + s / 50, kmeans_acc=0.40 + (s - 1) / 100)
+             for s in range(4)]
+    rows = {r["metric"]: r for r in report.compare(runs, "case5", "case6")}
+    assert rows["gmm_acc"]["seeds"] == [0, 1, 2] and rows["gmm_acc"]["diffs"] == pytest.approx([2, 3, 4])
+    assert rows["gmm_acc"]["mean"] == pytest.approx(3) and rows["gmm_acc"]["std"] == pytest.approx(1)
+    assert rows["gmm_acc"]["same_sign"] and not rows["kmeans_acc"]["same_sign"]
+    assert "gmm_nmi" not in rows  # neither case has it
+
+
+def test_report_compare_prints_the_records_comparison_or_refuses_first(run_fmc):
+    from conftest import ROOT
+
+    from fmnist_cluster.records import read_records
+
+    path = ROOT / "results" / "paper-cases-seeds.jsonl"
+    res = run_fmc("report", "--from", path, "--compare", "case5,case6", "--format", "markdown")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for row in report.compare(read_records(path), "case5", "case6"):
+        assert " ".join(f"{d:+.2f}" for d in row["diffs"]) in res.stdout
+    bad = run_fmc("report", "--from", path, "--compare", "case5,case9")
+    assert bad.returncode == 2 and "no seed has runs of both cases" in bad.stderr and "case6" in bad.stderr
+    assert bad.stdout == ""  # refused before any table
