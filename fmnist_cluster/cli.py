@@ -103,6 +103,8 @@ def run(
         help="Mixture components to fit, merged into the clusters by an entropy criterion (default: one each).")] = None,
     manifold: Annotated[Optional[str], typer.Option(help="none, umap or pca: a stage before the clusterers.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Score the codes every N epochs while training.")] = None,
+    dec_epochs: Annotated[Optional[int], typer.Option(
+        help="Refine the encoder with DEC for at most N epochs after training (0: off).")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment (default: the sweep's, else fmc-run).")] = "",
     track: Annotated[bool, typer.Option(help="Log the trial to MLflow.")] = True,
     tracking_uri: TrackingUri = None,
@@ -131,7 +133,7 @@ def run(
         experiment = experiment or sweep.experiment
     elif trial is not None:
         raise fail("--trial needs a sweep file: fmc run SPEC --trial NAME")
-    overrides: dict = {"model": {}, "data": {}, "kmeans": {}, "gmm": {}}
+    overrides: dict = {"model": {}, "data": {}, "kmeans": {}, "gmm": {}, "dec": {}}
     for key, value in {"kind": kind, "filters": _ints(filters), "units": _ints(units)}.items():
         if value is not None:
             overrides["model"][key] = value
@@ -145,7 +147,7 @@ def run(
     for section, key, value in [("data", "subset", subset), ("data", "seed", data_seed),
                                 ("kmeans", "n_init", kmeans_n_init), ("gmm", "n_init", gmm_n_init),
                                 ("gmm", "covariance_type", covariance_type), ("gmm", "impl", gmm_impl),
-                                ("gmm", "components", gmm_components)]:
+                                ("gmm", "components", gmm_components), ("dec", "epochs", dec_epochs)]:
         if value is not None:
             overrides[section][key] = value
     merged = deep_merge(base, {k: v for k, v in overrides.items() if v != {}})
@@ -217,6 +219,10 @@ def print_results(name: str, result) -> None:
     extras = {k: v for k, v in result.timings.items() if k not in ("kmeans_seconds", "gmm_seconds")}
     if "recon_mse" in result.metrics:
         out.print(f"test reconstruction MSE {result.metrics['recon_mse']:.5f}")
+    if "dec_iterations" in result.metrics:
+        m = result.metrics
+        out.print(f"DEC: {m['dec_iterations']:.0f} iterations ({m['dec_epochs']:.1f} epochs), "
+                  f"{100 * m['dec_changed']:.2f} % of the images changed cluster at the last target update")
     out.print("timings: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.1f}s" for k, v in extras.items()))
 
 

@@ -117,6 +117,17 @@ class ManifoldConfig(_Strict):
         return self
 
 
+class DECConfig(_Strict):
+    """DEC refinement of the encoder after training (:mod:`fmnist_cluster.dec`); ``epochs: 0`` is off.
+    The paper's settings: a target update every 140 batches, stop below 0.1 % of images changing
+    cluster, SGD with learning rate 0.01 and momentum 0.9 (the batch size is the trial's)."""
+
+    epochs: int = Field(0, ge=0)
+    update_interval: PositiveInt = 140
+    tol: float = Field(0.001, ge=0, le=1)
+    learning_rate: PositiveFloat = 0.01
+
+
 class DataConfig(_Strict):
     """``subset``: images kept per split for quick runs (None: all); ``seed``: shuffling seed."""
 
@@ -142,6 +153,8 @@ class TrialConfig(_Strict):
     # so no val_loss)
     fit_split: Literal["train", "all"] = "train"
     manifold: ManifoldConfig = ManifoldConfig()
+    # DEC: the encoder refined on the images it clusters, after training and before the manifold
+    dec: DECConfig = DECConfig()
     eval_every: int = Field(0, ge=0)  # epochs between scorings of the codes during training; 0: off
     # clusterers scored every eval_every epochs; None: all of the trial's clusterers
     eval_clusterers: tuple[Literal["kmeans", "gmm"], ...] | None = None
@@ -163,6 +176,11 @@ class TrialConfig(_Strict):
             raise ValueError(f"clusterers lists a clusterer twice: {list(self.clusterers)}")
         if self.model.kind != "none" and self.epochs == 0:
             raise ValueError("epochs must be at least 1 for an autoencoder")
+        if self.dec.epochs and self.model.kind == "none":
+            raise ValueError(f"dec.epochs = {self.dec.epochs}: raw pixels have no encoder to refine")
+        if self.dec.epochs and self.eval_every:
+            raise ValueError("dec refines the final encoder only; eval_every (scores during training) does not "
+                             "apply with it")
         if self.eval_every and self.model.kind == "none":
             raise ValueError(f"eval_every = {self.eval_every}: raw pixels train nothing to score during training")
         sizes = (self.gmm.components,) if isinstance(self.gmm.components, int) else self.gmm.components or ()
@@ -211,7 +229,7 @@ class TrialConfig(_Strict):
     def training(self) -> dict[str, Any]:
         """What decides the trained weights: trials equal here share one training (up to the longest
         of their ``epochs``); the rest (epochs, clusterers, manifold, eval split) happens after."""
-        after = {"epochs", "n_clusters", "clusterers", "kmeans", "gmm", "eval_split", "manifold", "eval_clusterers"}
+        after = {"epochs", "n_clusters", "clusterers", "kmeans", "gmm", "eval_split", "manifold", "eval_clusterers", "dec"}
         return self.model_dump(mode="json", exclude=after)
 
     def flat(self) -> dict[str, Any]:

@@ -254,6 +254,7 @@ class _State:
     eval_seconds: float = 0.0
     resumed_from: int | None = None  # the checkpoint's epoch the training went on from
     manifolds: dict[str, tuple] = field(default_factory=dict)  # the last manifold fitted: (reducer, features, s)
+    refined: dict[str, tuple] = field(default_factory=dict)  # the last DEC refinement: (encoder, info, codes, s)
 
 
 def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], bool],
@@ -310,8 +311,8 @@ def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, cluster
     t = time.perf_counter()
     shared = None
     if state is not None and config.manifold.kind != "none":
-        shared = json.dumps([config.manifold.model_dump(mode="json"), config.seed, config.eval_split,
-                             len(state.history.get("loss", []))])
+        shared = json.dumps([config.manifold.model_dump(mode="json"), config.dec.model_dump(mode="json"), config.seed,
+                             config.eval_split, len(state.history.get("loss", []))])  # what decides the codes
     if shared is not None and shared in state.manifolds:
         reducer, features, seconds = state.manifolds[shared]
     else:
@@ -338,6 +339,23 @@ def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, cluster
                 result.metrics[f"{name}_{criterion}"] = value
             result.timings["label_free_seconds"] = result.timings.get("label_free_seconds", 0.0) + time.perf_counter() - t
     return out
+
+
+def _refined(config: TrialConfig, state: _State, x_eval: np.ndarray):
+    """(DEC-refined encoder, its info, its codes of ``x_eval``, seconds): refined once for the trials of a
+    group that finish at the same epoch with the same DEC settings (deterministic for a seed)."""
+    from fmnist_cluster.dec import refine
+
+    key = json.dumps([config.dec.model_dump(mode="json"), config.seed, config.eval_split, config.n_clusters,
+                      config.batch_size, len(state.history.get("loss", []))])
+    if key not in state.refined:
+        t = time.perf_counter()
+        refined, info = refine(state.encoder, x_eval, n_clusters=config.n_clusters, epochs=config.dec.epochs,
+                               batch_size=config.batch_size, update_interval=config.dec.update_interval,
+                               tol=config.dec.tol, learning_rate=config.dec.learning_rate, seed=config.seed)
+        codes = refined.predict(x_eval, batch_size=1024, verbose=0)
+        state.refined = {key: (refined, info, codes, time.perf_counter() - t)}  # the latest only
+    return state.refined[key]
 
 
 def _score_codes(config: TrialConfig, state: _State, clusterers) -> dict[str, float]:
@@ -370,6 +388,11 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
         result.metrics["recon_mse"] = float(np.mean((recon - data.x_test) ** 2))
         codes, _ = _codes(config, state)  # (n_eval, latent_dim)
         result.timings["encode_seconds"] = time.perf_counter() - t
+        if config.dec.epochs:  # the encoder refined on the images it clusters; its codes are clustered
+            refined, info, codes, seconds = _refined(config, state, x_eval)
+            result.metrics.update(info)
+            result.models["encoder"] = refined
+            result.timings["dec_seconds"] = seconds
         result.info["latent_dim"] = int(codes.shape[1])
         # ReLU units that are zero (constant) on every image clustered: features the clusterers cannot use
         result.metrics["latent_dead_units"] = float((np.ptp(codes, axis=0) == 0).sum())

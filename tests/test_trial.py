@@ -290,3 +290,31 @@ def test_trials_of_a_group_share_one_manifold_fit_and_score_as_alone(small):
     alone = run_trial(plain, data=small, threads=2, figures=False)
     assert {k: v for k, v in alone.metrics.items() if k.startswith("gmm_")} == \
         {k: v for k, v in a.metrics.items() if k.startswith("gmm_")}
+
+
+def test_dec_refines_a_copy_of_the_encoder_and_its_codes_are_clustered(small):
+    """dec.epochs: the encoder's copy trains on the clustering loss after the autoencoder; the trial
+    clusters the refined codes (they differ from the pretrained ones) and keeps the pretrained
+    encoder untouched for the other trials of its training; the refinement's iterations are logged."""
+    from fmnist_cluster.trial import run_group
+
+    base = {"model": {"kind": "dense", "units": [32, 8]}, "clusterers": ["kmeans"], "epochs": 2, "batch_size": 32}
+    plain, dec = tiny(**base), tiny(**base, dec={"epochs": 3, "update_interval": 5})
+    results = {}
+    run_group([dec, plain], data=small, threads=2, figures=False,  # dec scored first: plain must not see it
+              on_result=lambda c, r, err: results.update({c.key(): (r, err)}))
+    (a, err_a), (b, err_b) = results[plain.key()], results[dec.key()]
+    assert err_a is None and err_b is None, (err_a, err_b)
+    x_eval, _ = small.split("test")
+    pretrained = a.models["encoder"].predict(x_eval, verbose=0)
+    refined = b.models["encoder"].predict(x_eval, verbose=0)
+    assert b.models["encoder"] is not a.models["encoder"] and not np.allclose(pretrained, refined)
+    assert b.models["autoencoder"] is a.models["autoencoder"]  # the autoencoder stays the pretrained one
+    steps = -(-len(x_eval) // 32)
+    assert 0 < b.metrics["dec_iterations"] <= 3 * steps and b.metrics["dec_epochs"] == b.metrics["dec_iterations"] / steps
+    assert b.timings["dec_seconds"] > 0 and "dec_iterations" not in a.metrics
+    alone = run_trial(plain, data=small, threads=2, figures=False)
+    assert alone.metrics["kmeans_acc"] == a.metrics["kmeans_acc"]  # the other trial saw the pretrained codes
+    for bad in ({"model": {"kind": "none"}, "dec": {"epochs": 1}}, {"dec": {"epochs": 1}, "eval_every": 1}):
+        with pytest.raises(ValueError):
+            tiny(**bad)
