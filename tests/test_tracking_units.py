@@ -180,6 +180,41 @@ def test_a_silent_server_is_reported_as_such_not_as_refused():
     listener.close()
 
 
+def test_a_connection_dropped_unanswered_is_asked_again_within_the_timeout():
+    """A server that accepts and drops a connection without answering (a worker it restarted under
+    load) is asked again: the second connection's MLflow answer passes the check. One that drops every
+    connection is unreachable once the timeout is spent, saying so."""
+    import socket
+    import threading
+
+    from tracking.store import TrackingError, check_server
+
+    def dropping(answers: int):
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            for i in range(8):
+                conn, _ = listener.accept()
+                conn.recv(65536)
+                if i >= 1 and answers:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n"
+                                 b"Connection: close\r\n\r\n{\"experiments\":[]}")
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}", listener
+
+    uri, listener = dropping(answers=1)
+    check_server(uri, timeout=10)  # the first connection dropped, the second answered
+    listener.close()
+    uri, listener = dropping(answers=0)
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=r"unreachable \(Remote end closed connection"):
+        check_server(uri, timeout=5)
+    assert time.monotonic() - start < 8
+    listener.close()
+
+
 # ---------------------------------------------------------------- claims
 
 

@@ -8,6 +8,7 @@ not (the server answered and refused: out of disk space, a bad request, no permi
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import platform
 import re
@@ -163,13 +164,24 @@ def auth_headers() -> dict[str, str]:
 def check_server(uri: str, timeout: float = 30.0) -> None:
     """Raise TrackingError unless the server at ``uri`` answers an authenticated MLflow API call. A
     refused connection fails at once; the timeout is for a server that is up but slow (a loaded
-    machine, basic auth hashing the password), which must not be taken for a dead one."""
+    machine, basic auth hashing the password), which must not be taken for a dead one, and so is a
+    connection the server accepted and dropped unanswered (a worker it restarted): asked again until
+    the timeout is spent."""
     base = uri.rstrip("/")
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1",
                                      headers=auth_headers())
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read(2000)
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as response:
+                    body = response.read(2000)
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, urllib.error.URLError) as err:
+                dropped = isinstance(getattr(err, "reason", err), (http.client.RemoteDisconnected, ConnectionResetError))
+                if isinstance(err, urllib.error.HTTPError) or not dropped or time.monotonic() + 2 > deadline:
+                    raise
+                time.sleep(2)  # accepted and dropped: the server is there, ask again
     except urllib.error.HTTPError as err:
         body = err.read(300).decode(errors="replace")
         hint = {401: "credentials missing or wrong: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
