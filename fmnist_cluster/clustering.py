@@ -46,8 +46,9 @@ def fit_predict(name: str, config: TrialConfig, codes: np.ndarray):
             estimator = estimator.to_sklearn()
     if name == "gmm" and estimator.n_components > config.n_clusters:
         # the fitted mixture keeps its components; which cluster each joins rides along (skops writes it)
-        estimator.fmc_merged_into_ = entropy_merge(estimator.predict_proba(codes), config.n_clusters)
-        labels = merged_proba(estimator, codes).argmax(axis=1)
+        proba = estimator.predict_proba(codes)
+        estimator.fmc_merged_into_ = entropy_merge(proba, config.n_clusters)
+        labels = summed(proba, estimator.fmc_merged_into_).argmax(axis=1)
     return estimator, labels.astype(np.int64)
 
 
@@ -87,10 +88,9 @@ def entropy_merge(proba: np.ndarray, n_clusters: int) -> np.ndarray:
     return into
 
 
-def merged_proba(estimator, codes: np.ndarray) -> np.ndarray:
-    """(n, n_clusters) posterior of each merged cluster: the sum over its components."""
-    proba = estimator.predict_proba(codes)
-    into = estimator.fmc_merged_into_
+def summed(proba: np.ndarray, into: np.ndarray) -> np.ndarray:
+    """(n, n_clusters) posterior of each merged cluster: the sum over its components (``into``: the
+    cluster of each component). The served model (tracking/pyfunc_model.py) does the same."""
     out = np.zeros((len(proba), int(into.max()) + 1))
     np.add.at(out.T, into, proba.T)
     return out

@@ -253,8 +253,7 @@ class _State:
     evals: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # trial key -> epoch -> scores
     eval_seconds: float = 0.0
     resumed_from: int | None = None  # the checkpoint's epoch the training went on from
-    manifolds: dict[str, tuple] = field(default_factory=dict)  # the last manifold fitted: (reducer, features, s)
-    refined: dict[str, tuple] = field(default_factory=dict)  # the last DEC refinement: (encoder, info, codes, s)
+    shared: dict[str, dict] = field(default_factory=dict)  # slot -> {key: (value, seconds)}: see _once
 
 
 def _epoch_callback(on_epoch: EpochHook | None, history: dict[str, list[float]], after_epoch: Callable[[int], bool],
@@ -300,26 +299,20 @@ def _codes(config: TrialConfig, state: _State) -> tuple[np.ndarray, np.ndarray]:
     return state.encoder.predict(x_eval, batch_size=1024, verbose=0), y_eval
 
 
-def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, clusterers, threads: int | None,
-             result: TrialResult | None = None, state: _State | None = None) -> dict[str, np.ndarray]:
+def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, clusterers, state: _State,
+             result: TrialResult | None = None) -> dict[str, np.ndarray]:
     """Manifold (if any) then each clusterer on ``codes``; scores into ``result.metrics`` (and timings,
     models when a result is given). Returns {clusterer: labels} and, under "features", what was clustered.
-    With ``state``, trials of a group scored at the same epoch with the same manifold settings share
-    one fit of it (it is deterministic for a seed); each reports the fit's seconds."""
+    Trials of a group clustering the same codes with the same manifold settings share one fit of it (it
+    is deterministic for a seed); each reports the fit's seconds."""
     from fmnist_cluster.manifold import fit_manifold
 
-    t = time.perf_counter()
-    shared = None
-    if state is not None and config.manifold.kind != "none":
-        shared = json.dumps([config.manifold.model_dump(mode="json"), config.dec.model_dump(mode="json"), config.seed,
-                             config.eval_split, len(state.history.get("loss", []))])  # what decides the codes
-    if shared is not None and shared in state.manifolds:
-        reducer, features, seconds = state.manifolds[shared]
+    if config.manifold.kind == "none":
+        (reducer, features), seconds = (None, codes), 0.0
     else:
-        reducer, features = fit_manifold(config, codes, threads=threads)
-        seconds = time.perf_counter() - t
-        if shared is not None:
-            state.manifolds = {shared: (reducer, features, seconds)}  # the latest only: memory stays bounded
+        (reducer, features), seconds = _once(state, "manifold", [config.manifold.model_dump(mode="json"),
+                                                                 _codes_key(config, state)],
+                                             lambda: fit_manifold(config, codes, threads=state.threads))
     out = {"features": features}
     if result is not None and reducer is not None:
         result.models["manifold"] = reducer
@@ -341,27 +334,40 @@ def _cluster(config: TrialConfig, codes: np.ndarray, y_eval: np.ndarray, cluster
     return out
 
 
+def _codes_key(config: TrialConfig, state: _State) -> list:
+    """What decides the codes a trial of the group clusters: the epoch reached, the evaluation split and,
+    with DEC, its settings and the number of clusters it refines towards (the rest is the training's)."""
+    dec = [config.dec.model_dump(mode="json"), config.n_clusters] if config.dec.epochs else None
+    return [len(state.history.get("loss", [])), config.eval_split, dec]
+
+
+def _once(state: _State, slot: str, key: list, compute: Callable[[], Any]) -> tuple[Any, float]:
+    """``(compute(), its seconds)``, computed once for the trials of a group that ask with an equal
+    ``key`` (at one epoch, deterministic for the group's seed); only the latest is kept per ``slot``."""
+    key = json.dumps(key, sort_keys=True)
+    if key not in state.shared.get(slot, {}):
+        t = time.perf_counter()
+        value = compute()
+        state.shared[slot] = {key: (value, time.perf_counter() - t)}
+    return state.shared[slot][key]
+
+
 def _refined(config: TrialConfig, state: _State, x_eval: np.ndarray):
-    """(DEC-refined encoder, its info, its codes of ``x_eval``, seconds): refined once for the trials of a
-    group that finish at the same epoch with the same DEC settings (deterministic for a seed)."""
+    """((DEC-refined encoder, its info, its codes of ``x_eval``), seconds), once per group and epoch."""
     from fmnist_cluster.dec import refine
 
-    key = json.dumps([config.dec.model_dump(mode="json"), config.seed, config.eval_split, config.n_clusters,
-                      config.batch_size, len(state.history.get("loss", []))])
-    if key not in state.refined:
-        t = time.perf_counter()
+    def compute():
         refined, info = refine(state.encoder, x_eval, n_clusters=config.n_clusters, epochs=config.dec.epochs,
                                batch_size=config.batch_size, update_interval=config.dec.update_interval,
                                tol=config.dec.tol, learning_rate=config.dec.learning_rate, seed=config.seed)
-        codes = refined.predict(x_eval, batch_size=1024, verbose=0)
-        state.refined = {key: (refined, info, codes, time.perf_counter() - t)}  # the latest only
-    return state.refined[key]
+        return refined, info, refined.predict(x_eval, batch_size=1024, verbose=0)
+    return _once(state, "dec", _codes_key(config, state), compute)
 
 
 def _score_codes(config: TrialConfig, state: _State, clusterers) -> dict[str, float]:
     """Scores of the current codes (during training): {clusterer}_{score} for ``clusterers``."""
     codes, y_eval = _codes(config, state)
-    labels = _cluster(config, codes, y_eval, clusterers, state.threads, state=state)
+    labels = _cluster(config, codes, y_eval, clusterers, state)
     return {f"{name}_{score}": value for name in clusterers
             for score, value in metrics.score_all(y_eval, labels[name]).items()}
 
@@ -389,7 +395,7 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
         codes, _ = _codes(config, state)  # (n_eval, latent_dim)
         result.timings["encode_seconds"] = time.perf_counter() - t
         if config.dec.epochs:  # the encoder refined on the images it clusters; its codes are clustered
-            refined, info, codes, seconds = _refined(config, state, x_eval)
+            (refined, info, codes), seconds = _refined(config, state, x_eval)
             result.metrics.update(info)
             result.models["encoder"] = refined
             result.timings["dec_seconds"] = seconds
@@ -399,7 +405,7 @@ def _evaluate(config: TrialConfig, state: _State) -> TrialResult:
     else:
         codes, _ = _codes(config, state)
 
-    labels = _cluster(config, codes, y_eval, config.clusterers, state.threads, result, state=state)
+    labels = _cluster(config, codes, y_eval, config.clusterers, state, result)
     features = labels.pop("features")
     result.labels = dict(labels)
     for name in config.clusterers:
