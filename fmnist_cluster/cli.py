@@ -546,24 +546,8 @@ def report(
 def _print_criteria(rep, runs: list, format: str) -> None:
     """The label-free criteria's rank correlations with the labels' scores, after the report's table."""
     rows = rep.criteria(runs)
-    if format == "csv":
-        import csv
-
-        sys.stdout.write("\n")
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["clusterer"])
-        writer.writeheader()
-        writer.writerows(rows)
-    elif format == "markdown":
-        sys.stdout.write("\nLabel-free criteria against the labels' scores (Spearman's ρ over the runs):\n\n| "
-                         + " | ".join(rep.CRITERIA_HEADERS) + " |\n|" + " --- |" * len(rep.CRITERIA_HEADERS) + "\n"
-                         + "".join("| " + " | ".join(cells) + " |\n" for cells in rep.criteria_rows(rows)))
-    else:
-        table = Table(title="label-free criteria against the labels' scores: Spearman's ρ over the runs")
-        for header in rep.CRITERIA_HEADERS:
-            table.add_column(header, justify="left" if header.startswith(("clusterer", "criterion")) else "right")
-        for cells in rep.criteria_rows(rows):
-            table.add_row(*cells)
-        out.print(table)
+    _print_extra("label-free criteria against the labels' scores: Spearman's ρ over the runs",
+                 rep.CRITERIA_HEADERS, rep.criteria_rows(rows), format, csv_rows=rows)
 
 
 def _comparison_rows(rep, runs: list, cases: str) -> tuple[list[str], list[dict]]:
@@ -580,29 +564,36 @@ def _comparison_rows(rep, runs: list, cases: str) -> tuple[list[str], list[dict]
 
 def _print_comparison(names: list[str], rows: list[dict], format: str) -> None:
     """Case B against case A, seed by seed, after the report's table."""
+    from fmnist_cluster.report import LABEL
+
     headers = ("score", "seeds", f"{names[1]} - {names[0]} per seed (points)", "mean ± std", "every seed the same way")
-    cells = [[LABELS.get(r["metric"], r["metric"]), ",".join(map(str, r["seeds"])),
+    cells = [[f"{LABEL[r['metric'].split('_', 1)[0]]} {r['metric'].split('_', 1)[1]}", ",".join(map(str, r["seeds"])),
               " ".join(f"{d:+.2f}" for d in r["diffs"]),
               f"{r['mean']:+.2f}" + ("" if r["std"] is None else f" ± {r['std']:.2f}"), "yes" if r["same_sign"] else "no"]
              for r in rows]
-    if format in ("markdown", "csv"):
-        sep = " | " if format == "markdown" else ","
-        lines = [sep.join(headers)] + (["|" + " --- |" * len(headers)] if format == "markdown" else [])
-        lines += [sep.join(c) for c in cells]
-        if format == "markdown":
-            lines = [lines[0].join(["| ", " |"]), lines[1]] + [line.join(["| ", " |"]) for line in lines[2:]]
-        sys.stdout.write("\n" + "\n".join(lines) + "\n")
+    _print_extra(f"{names[1]} against {names[0]}, seed by seed", headers, cells, format, csv_rows=rows)
+
+
+def _print_extra(title: str, headers, cells: list[list[str]], format: str, csv_rows: list[dict]) -> None:
+    """One more table after the report's: a rich table, markdown (cells), or CSV (the raw rows)."""
+    if format == "csv":
+        import csv
+
+        sys.stdout.write("\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(csv_rows[0]) if csv_rows else list(headers))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    elif format == "markdown":
+        from fmnist_cluster.report import markdown_table
+
+        sys.stdout.write(f"\n{title[0].upper()}{title[1:]}:\n\n" + markdown_table(headers, cells))
     else:
-        table = Table(title=f"{names[1]} against {names[0]}, seed by seed")
+        table = Table(title=title)
         for header in headers:
             table.add_column(header)
         for row in cells:
             table.add_row(*row)
         out.print(table)
-
-
-LABELS = {f"{c}_{s}": f"{name} {s}" for c, name in (("kmeans", "KMeans"), ("gmm", "GMM"))
-          for s in ("acc", "acc_majority", "nmi")}
 
 
 @app.command()

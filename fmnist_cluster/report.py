@@ -176,11 +176,15 @@ def anchor_rows() -> list[list[str]]:
     return [[a["method"], _pct(a["acc"]), _pct(a["nmi"]), a["source"]] for a in anchors()]
 
 
+def markdown_table(headers, cells: list[list[str]]) -> str:
+    """A markdown table of ``cells`` under ``headers``, ending in a newline."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     cols = columns(rows)
-    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + " --- |" * len(cols)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(rows)]
-    text = "\n".join(lines) + "\n\nScores in percent: mean ± std over seeds (n runs)."
+    text = markdown_table([h for h, _ in cols], display_rows(rows)) + "\nScores in percent: mean ± std over seeds (n runs)."
     if any(k.startswith("study:") for _, k in cols):
         text += (" Study: the reference study's figure, (fmc's mean minus it in points, and whether it lies"
                  " within the range of fmc's seeds).")
