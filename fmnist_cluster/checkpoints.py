@@ -10,9 +10,11 @@ run whose shortest open trial ends earlier resumes from the last kept epoch befo
 checkpoint is written under a temporary name and moved into place, its JSON last: a checkpoint
 whose JSON is there is whole. The folder is removed once every trial of the group has finished.
 
-A resumed training is not bit-identical to an unbroken one: the weights and optimizer state are the
-checkpoint's, but the shuffling of the later epochs starts from the trial's seed again. Runs record
-where they resumed (``info.resumed_from_epoch``, tag ``fmc.resumed_from_epoch``).
+A resumed training goes on exactly as an unbroken one (same CPU kind): the weights and optimizer state
+are the checkpoint's, and the order of every later epoch does not depend on where the training
+started (``shuffle: once`` trains every epoch in the one order Keras draws from the seed; ``shuffle:
+epoch`` draws each epoch's from the seed and the epoch). Runs record where they resumed
+(``info.resumed_from_epoch``, tag ``fmc.resumed_from_epoch``).
 """
 
 from __future__ import annotations

@@ -93,6 +93,9 @@ def run(
     eval_split: Annotated[Optional[str], typer.Option(help="test, train (60k) or all (70k).")] = None,
     fit_split: Annotated[Optional[str], typer.Option(
         help="Images the autoencoder trains on: train (48k, the study's) or all (70k, N2D's; no val_loss).")] = None,
+    shuffle: Annotated[Optional[str], typer.Option(
+        help="Training order: once (one permutation, the same every epoch; the default) or epoch (a new one "
+             "every epoch).")] = None,
     subset: Annotated[Optional[int], typer.Option(help="Images per split for a quick run.")] = None,
     data_seed: Optional[int] = None,
     kmeans_n_init: Optional[int] = None,
@@ -140,7 +143,8 @@ def run(
     if manifold is not None:
         overrides["manifold"] = {"kind": manifold}
     for key, value in {"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                       "seed": seed, "eval_split": eval_split, "fit_split": fit_split, "eval_every": eval_every,
+                       "seed": seed, "eval_split": eval_split, "fit_split": fit_split, "shuffle": shuffle,
+                       "eval_every": eval_every,
                        "clusterers": clusterers.split(",") if clusterers else None}.items():
         if value is not None:
             overrides[key] = value

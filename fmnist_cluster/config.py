@@ -152,6 +152,11 @@ class TrialConfig(_Strict):
     # val_loss) or ``all`` (N2D's protocol: all 70,000, the clustered images included; nothing held out,
     # so no val_loss)
     fit_split: Literal["train", "all"] = "train"
+    # the order of the training images: ``once`` (fmc's default to date: Keras' TensorFlow backend draws
+    # one permutation per fit() under a fixed seed, so every epoch sees the same batches) or ``epoch``
+    # (a new permutation every epoch, drawn from the seed and the epoch, as the study's Keras 2 did;
+    # a resumed training then goes on exactly as an unbroken one)
+    shuffle: Literal["once", "epoch"] = "once"
     manifold: ManifoldConfig = ManifoldConfig()
     # DEC: the encoder refined on the images it clusters, after training and before the manifold
     dec: DECConfig = DECConfig()
@@ -230,6 +235,8 @@ class TrialConfig(_Strict):
         """What decides the trained weights: trials equal here share one training (up to the longest
         of their ``epochs``); the rest (epochs, clusterers, manifold, eval split) happens after."""
         after = {"epochs", "n_clusters", "clusterers", "kmeans", "gmm", "eval_split", "manifold", "eval_clusterers", "dec"}
+        if self.shuffle == "once":  # settings added later at their old behaviour keep the trainings' keys
+            after.add("shuffle")
         return self.model_dump(mode="json", exclude=after)
 
     def flat(self) -> dict[str, Any]:

@@ -214,9 +214,25 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
         return
     x_fit = data.x_train if lead.fit_split == "train" else data.split("all")[0]
     held_out = (data.x_val, data.x_val) if lead.fit_split == "train" else None
-    state.autoencoder.fit(x_fit, x_fit, validation_data=held_out, initial_epoch=initial_epoch,
-                          epochs=lead.epochs, batch_size=lead.batch_size, shuffle=True, verbose=verbose,
-                          callbacks=[_epoch_callback(on_epoch, state.history, after_epoch, stop)])
+    callbacks = [_epoch_callback(on_epoch, state.history, after_epoch, stop)]
+    if lead.shuffle == "once":
+        state.autoencoder.fit(x_fit, x_fit, validation_data=held_out, initial_epoch=initial_epoch,
+                              epochs=lead.epochs, batch_size=lead.batch_size, shuffle=True, verbose=verbose,
+                              callbacks=callbacks)
+        return
+    for epoch in range(initial_epoch, lead.epochs):  # one fit per epoch, in that epoch's order
+        x_epoch = x_fit[epoch_order(lead.seed, epoch, len(x_fit))]
+        state.autoencoder.fit(x_epoch, x_epoch, validation_data=held_out, initial_epoch=epoch, epochs=epoch + 1,
+                              batch_size=lead.batch_size, shuffle=False, verbose=verbose, callbacks=callbacks)
+        if state.autoencoder.stop_training:  # no trial left that needs more epochs
+            break
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the ``n`` training images in ``epoch`` (0-based) under ``shuffle: epoch``: a
+    function of the seed and the epoch only, so a training resumed at any epoch sees what an
+    unbroken one would."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def _restore(checkpoints, epoch: int, state: _State, configs: list[TrialConfig], is_open, on_epoch: EpochHook | None,

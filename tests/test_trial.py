@@ -318,3 +318,57 @@ def test_dec_refines_a_copy_of_the_encoder_and_its_codes_are_clustered(small):
     for bad in ({"model": {"kind": "none"}, "dec": {"epochs": 1}}, {"dec": {"epochs": 1}, "eval_every": 1}):
         with pytest.raises(ValueError):
             tiny(**bad)
+
+
+def test_keras_draws_one_training_order_per_fit_under_a_seed():
+    """What ``shuffle: once`` (the default) is: Keras' TensorFlow backend, with fmc's seeding, shuffles
+    fit()'s arrays once, and every epoch sees the same batches in the same order. docs/results.md and
+    the README say so; a Keras that reshuffles each epoch fails this test and changes what `once` means."""
+    import keras
+
+    seen = []
+
+    class Record(keras.layers.Layer):
+        def call(self, x):
+            seen.append(np.asarray(x).ravel().tolist())
+            return x
+
+    keras.utils.set_random_seed(3)
+    x = np.arange(20, dtype="float32").reshape(20, 1)
+    model = keras.Sequential([keras.Input((1,)), Record(), keras.layers.Dense(1)])
+    model.compile("adam", "mse", run_eagerly=True)
+    model.fit(x, x, batch_size=5, epochs=3, shuffle=True, verbose=0)
+    epochs = [sum(seen[e * 4:(e + 1) * 4], []) for e in range(3)]
+    assert sorted(epochs[0]) == list(range(20)) and epochs[0] != list(range(20))  # shuffled, once
+    assert epochs[0] == epochs[1] == epochs[2]
+
+
+def test_shuffle_epoch_gives_every_epoch_its_own_order_and_resumes_exactly(small, tmp_path):
+    """``shuffle: epoch``: each epoch's order is drawn from the seed and the epoch, so the training
+    differs from ``once`` and a training interrupted after epoch 2 and resumed from its checkpoint
+    ends with the losses and weights of an unbroken one. The default's training key is unchanged."""
+    from fmnist_cluster.trial import epoch_order, run_group
+
+    orders = [epoch_order(0, e, 300) for e in range(3)]
+    assert all(sorted(o) == list(range(300)) for o in orders)
+    assert not np.array_equal(orders[0], orders[1]) and np.array_equal(orders[1], epoch_order(0, 1, 300))
+
+    base = {"model": {"kind": "dense", "units": [32, 8]}, "clusterers": ["kmeans"], "batch_size": 64, "epochs": 3}
+    once, each = tiny(**base), tiny(**base, shuffle="epoch")
+    assert "shuffle" not in once.training() and once.training_key() != each.training_key()
+    assert once.key() == tiny(**base, shuffle="once").key()
+    unbroken = run_trial(each, data=small, threads=2, figures=False)
+    fixed = run_trial(once, data=small, threads=2, figures=False)
+    assert len(unbroken.history["loss"]) == 3 and unbroken.history["loss"] != fixed.history["loss"]
+
+    losses = []
+    with pytest.raises(KeyboardInterrupt):
+        run_group([each], data=small, threads=2, figures=False, checkpoint_dir=tmp_path,
+                  stop=lambda: "interrupt" if len(losses) == 2 else None,
+                  on_epoch=lambda e, v: losses.append(v["loss"]), on_result=lambda c, r, err: None)
+    assert losses == unbroken.history["loss"][:2]
+    resumed = run_trial(each, data=small, threads=2, figures=False, checkpoint_dir=tmp_path)
+    assert resumed.info["resumed_from_epoch"] == 2
+    assert resumed.history["loss"] == unbroken.history["loss"] and resumed.metrics == unbroken.metrics
+    for a, b in zip(resumed.models["autoencoder"].get_weights(), unbroken.models["autoencoder"].get_weights()):
+        np.testing.assert_array_equal(a, b)
