@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import FMC, ROOT, free_port, stop, wait_http
-from tracking.store import cpu_model
+from tracking.store import cpu_id, cpu_model
 
 # real Ray and MLflow servers, minutes (`make test-fast` leaves these out); sweeps join one shared Ray
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("on_shared_ray")]
@@ -93,6 +93,7 @@ def test_runs_layout_metrics_and_artifacts(tracked_sweep, mlflow_server):
         assert r.data.tags["mlflow.parentRunId"] == parent_id
         assert r.data.tags["fmc.sweep"] == "it-sweep" and len(r.data.tags["fmc.trial_key"]) == 16
         assert r.data.tags["fmc.cpu"] == cpu_model()  # the CPU kind changes the training: on every record
+        assert r.data.tags["fmc.cpu_id"] == cpu_id() and cpu_id().startswith("family ")
         assert r.data.tags["fmc.host"] and r.data.tags["fmc.keras_backend"] == ("none" if r is raw else "tensorflow")
     assert conv.info.status == "FINISHED" and raw.info.status == "FINISHED"
     assert broken.info.status == "FAILED" and "diverged" in broken.data.tags["fmc.error"]

@@ -233,6 +233,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_id() -> str:
+    """The CPU's family, model and stepping and its widest vector instructions ('family 26 model 2
+    stepping 1, avx512'): virtual machines often name every AMD CPU 'AMD EPYC', and two generations
+    under that name train the same code and seed differently (docs/results.md, section 9)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model", "stepping", "flags") and key not in fields:
+                fields[key] = value.strip()
+            if line.strip() == "":
+                break
+    except OSError:
+        return platform.machine() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    vector = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "none").removesuffix("f")
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}, {vector}"
+
+
 def search(mlflow_client, experiment_id: str, filter_string: str) -> list:
     """All runs of an experiment matching ``filter_string`` (every page)."""
     runs, token = [], None

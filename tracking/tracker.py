@@ -13,7 +13,7 @@ from typing import Any
 from tracking import claims
 from tracking.delivery import Delivery
 from tracking.store import (PARENT_TAG, TRIAL_KEY, TrackingError, TrackingRefused, artifact_root, check_server, client,
-                            cpu_model, env_float, git_commit, is_http, is_local, log_metrics, log_params, resolve_uri,
+                            cpu_id, cpu_model, env_float, git_commit, is_http, is_local, log_metrics, log_params, resolve_uri,
                             search, server_message)
 from tracking.trial_logger import RunContext, run_record
 
@@ -96,7 +96,7 @@ class Tracker:
         With ``rerun`` the trials do not yield to runs finished before this one started."""
         commit = git_commit()
         tags = {"fmc.role": "sweep", "fmc.sweep": sweep_name, "fmc.host": socket.gethostname(), "fmc.cpu": cpu_model(),
-                **({"mlflow.source.git.commit": commit} if commit else {}), **(tags or {})}
+                "fmc.cpu_id": cpu_id(), **({"mlflow.source.git.commit": commit} if commit else {}), **(tags or {})}
         run = self._c.create_run(experiment_id, run_name=f"{sweep_name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                  tags=tags)
         run_id = run.info.run_id

@@ -27,7 +27,7 @@ from pathlib import Path
 from tracking import claims
 from tracking.delivery import Contact, Delivery
 from tracking.store import (PARENT_TAG, TRIAL_KEY, TrackingError, TrackingOutage, TrackingRefused, auth_headers,
-                            client, cpu_model, is_http, log_metrics, log_params, search)
+                            client, cpu_id, cpu_model, is_http, log_metrics, log_params, search)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class TrialLogger:
         tags = {"fmc.role": "trial", "fmc.trial": self.name, "fmc.sweep": self.ctx.sweep,
                 TRIAL_KEY: self.config.key(), "fmc.keras_backend": _backend(self.config),
                 "fmc.host": socket.gethostname(), "fmc.python": platform.python_version(), "fmc.cpu": cpu_model(),
-                "fmc.model": self.config.model.label(), "fmc.attempt": attempt,
+                "fmc.cpu_id": cpu_id(), "fmc.model": self.config.model.label(), "fmc.attempt": attempt,
                 claims.HEARTBEAT: str(int(time.time())), **self.extra_tags}
         if claim:
             tags[claims.CLAIM] = "pending"
