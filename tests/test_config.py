@@ -7,7 +7,7 @@ from fmnist_cluster.config import SpecError, TrialConfig, deep_merge, load_sweep
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 EXPECTED = {"paper_cases.yaml": 10, "paper_cases_seeds.yaml": 30, "extra_grids.yaml": 81, "quick.yaml": 4,
             "beyond.yaml": 30, "search.yaml": 1, "n2d_protocol.yaml": 12, "n2d_candidates.yaml": 15,
-            "shuffle_order.yaml": 12}
+            "shuffle_order.yaml": 12, "n2d_order.yaml": 6}
 
 
 def test_every_shipped_sweep_validates_and_expands():
