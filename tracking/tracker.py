@@ -13,8 +13,8 @@ from typing import Any
 from tracking import claims
 from tracking.delivery import Delivery
 from tracking.store import (PARENT_TAG, TRIAL_KEY, TrackingError, TrackingRefused, artifact_root, check_server, client,
-                            cpu_id, cpu_model, env_float, git_commit, is_http, is_local, log_metrics, log_params, resolve_uri,
-                            search, server_message)
+                            cpu_id, cpu_model, env_float, git_commit, is_http, is_local, log_metrics, log_params,
+                            resolve_uri, search, server_message)
 from tracking.trial_logger import RunContext, run_record
 
 TRIAL_FILTER = "tags.`fmc.role` = 'trial'"
