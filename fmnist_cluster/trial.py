@@ -152,7 +152,10 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
         if stopped_at is not None:
             result.info["stopped_early_at_epoch"] = stopped_at
         if state.resumed_from:
+            from fmnist_cluster.machine import epoch_spans
+
             result.info["resumed_from_epoch"] = state.resumed_from
+            result.info["trained_on"] = epoch_spans(state.epoch_cpus[:config.epochs])  # perhaps two machines
         on_result(config, result, None)
 
     if lead.model.kind == "none":  # raw pixels: nothing to train
@@ -160,6 +163,7 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
             finish(config)
         return
 
+    from fmnist_cluster.machine import cpu_id
     from fmnist_cluster.models import build_autoencoder
 
     state.autoencoder, state.encoder = build_autoencoder(lead.model, learning_rate=lead.learning_rate)
@@ -177,6 +181,8 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
     def after_epoch(epoch: int, restored: bool = False) -> bool:
         """Score and finish what is due at ``epoch``; False once no open trial needs more epochs.
         ``restored``: the epoch of the checkpoint resumed from, whose scores during training are in."""
+        if not restored:
+            state.epoch_cpus.append(cpu_id())
         if lead.eval_every and epoch % lead.eval_every == 0 and not restored:
             t = time.perf_counter()
             done: dict[str, dict[str, float] | Exception] = {}  # trials with the same scoring settings share it
@@ -204,7 +210,7 @@ def run_group(configs: list[TrialConfig], *, on_result: Callable[[TrialConfig, T
         going_on = not early and any(config.epochs > epoch and is_open(config) for config in configs)
         if checkpoints is not None and going_on and not restored:
             checkpoints.save(epoch, state.autoencoder, {
-                "history": state.history, "eval_seconds": state.eval_seconds,
+                "history": state.history, "eval_seconds": state.eval_seconds, "epoch_cpus": state.epoch_cpus,
                 "evals": {key: {str(e): s for e, s in by_epoch.items()} for key, by_epoch in state.evals.items()}},
                 keep=milestones)
         return going_on
@@ -245,6 +251,7 @@ def _restore(checkpoints, epoch: int, state: _State, configs: list[TrialConfig],
     state.history = {k: list(v) for k, v in saved["history"].items()}
     state.evals = {key: {int(e): s for e, s in by_epoch.items()} for key, by_epoch in saved["evals"].items()}
     state.eval_seconds = float(saved["eval_seconds"])
+    state.epoch_cpus = list(saved.get("epoch_cpus", ["not recorded"] * epoch))[:epoch]  # older checkpoints lack it
     state.resumed_from = epoch
     for e in range(1, epoch + 1):
         if on_epoch is not None:
@@ -269,6 +276,7 @@ class _State:
     evals: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # trial key -> epoch -> scores
     eval_seconds: float = 0.0
     resumed_from: int | None = None  # the checkpoint's epoch the training went on from
+    epoch_cpus: list[str] = field(default_factory=list)  # the CPU (machine.cpu_id) of every epoch trained
     shared: dict[str, dict] = field(default_factory=dict)  # slot -> {key: (value, seconds)}: see _once
 
 

@@ -515,6 +515,7 @@ def test_interrupt_then_resume_finishes_each_trial_once(tmp_path):
     # a's training went on from its last checkpoint; its new run has the whole loss curve
     (done,) = [r for r in runs["a"] if r.info.status == "FINISHED"]
     assert 1 <= int(done.data.tags["fmc.resumed_from_epoch"]) < 8, done.data.tags
+    assert done.data.tags["fmc.trained_on"] == f"1-8 {cpu_id()}"  # every epoch on this machine
     assert [m.step for m in client.get_metric_history(done.info.run_id, "loss")] == list(range(1, 9))
     assert "fmc.resumed_from_epoch" not in next(r for r in runs["b"] if r.info.status == "FINISHED").data.tags
     assert not list((tmp_path / "ray_results" / "fmc-checkpoints").glob("*/*"))  # gone once finished

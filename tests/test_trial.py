@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 
 from fmnist_cluster.config import TrialConfig
 from fmnist_cluster.data import load_dataset
+from fmnist_cluster.machine import cpu_id
 from fmnist_cluster.trial import run_trial
 
 SCORES = ["acc", "acc_majority", "nmi", "ari"]
@@ -173,18 +175,25 @@ def test_an_interrupted_training_goes_on_from_its_checkpoint(small, tmp_path):
                   on_eval=lambda c, e, s: scored.update({e: s}) if c == long else None)
     assert [(c.epochs, err) for c, _, err in handed] == [(2, None)]
     assert ckpt.epochs() == [2, 3]  # epoch 1 dropped once epoch 2 was written; 2 is a trial's end
+    meta = ckpt.folder / "epoch-0003.json"
+    saved = json.loads(meta.read_text())
+    assert saved["epoch_cpus"] == [cpu_id()] * 3  # the CPU of every epoch trained
+    other = "family 0 model 0 stepping 0, none"  # as if another machine had trained these three epochs
+    meta.write_text(json.dumps({**saved, "epoch_cpus": [other] * 3}))
 
     again = []
     run_group([short], data=small, threads=2, figures=False, checkpoint_dir=tmp_path,
               on_epoch=lambda e, v: again.append(e), on_result=lambda c, r, err: handed.append((c, r, err)))
     _, rerun, error = handed[-1]
     assert error is None and rerun.info["resumed_from_epoch"] == 2 and again == [1, 2]
+    assert rerun.info["trained_on"] == f"1-2 {cpu_id()}"
     assert rerun.history["loss"] == [v["loss"] for v in first[:2]]
 
     replayed, evals = [], {}
     result = run_trial(long, data=small, threads=2, figures=False, checkpoint_dir=tmp_path,
                        on_epoch=lambda e, v: replayed.append((e, v)), on_eval=lambda e, s: evals.update({e: s}))
     assert result.info["resumed_from_epoch"] == 3
+    assert result.info["trained_on"] == f"1-3 {other}; 4 {cpu_id()}"  # which machine trained which epochs
     assert [e for e, _ in replayed] == [1, 2, 3, 4] and [v for _, v in replayed[:3]] == first
     assert result.history["loss"][:3] == [v["loss"] for v in first] and len(result.history["val_loss"]) == 4
     assert evals == scored and sorted(evals) == [1, 2, 3]  # the scores during training, replayed

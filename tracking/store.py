@@ -8,10 +8,8 @@ not (the server answered and refused: out of disk space, a bad request, no permi
 from __future__ import annotations
 
 import base64
-import functools
 import http.client
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -21,6 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from fmnist_cluster.machine import cpu_id, cpu_model  # noqa: F401 - tagged on every run
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"  # next to mlflow.db for the embedded store
@@ -220,40 +220,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except OSError:
         return None
-
-
-@functools.cache
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo ({} where there is none), read once per process."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
-
-
-def cpu_model() -> str:
-    """The CPU a trial runs on ('AMD EPYC', 'Intel(R) Xeon(R) Platinum 8370C CPU @ 2.80GHz'): the same
-    code and seed train differently on different CPU kinds, so every run records its own."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_id() -> str:
-    """The CPU's family, model and stepping and its widest vector instructions ('family 26 model 2
-    stepping 1, avx512'): virtual machines often name every AMD CPU 'AMD EPYC', and two generations
-    under that name train the same code and seed differently (docs/results.md, section 9)."""
-    info = _cpuinfo()
-    if not info:
-        return platform.machine() or "unknown"
-    flags = set(info.get("flags", "").split())
-    vector = next((name for name in ("avx512f", "avx2", "avx", "sse4_2") if name in flags), "none").removesuffix("f")
-    return (f"family {info.get('cpu family', '?')} model {info.get('model', '?')} "
-            f"stepping {info.get('stepping', '?')}, {vector}")
 
 
 def search(mlflow_client, experiment_id: str, filter_string: str) -> list:

@@ -204,8 +204,9 @@ class TrialLogger:
             parts.insert(0, ("the early stop", lambda: [c.set_tag(rid, "fmc.stopped_early", "true"),
                                                         c.set_tag(rid, "fmc.epochs_trained", reached)]))
         if result.info.get("resumed_from_epoch"):  # the training went on from a checkpoint of an earlier run
-            resumed = str(result.info["resumed_from_epoch"])
-            parts.insert(0, ("the resume", lambda: c.set_tag(rid, "fmc.resumed_from_epoch", resumed)))
+            resumed, spans = str(result.info["resumed_from_epoch"]), result.info.get("trained_on", "")
+            parts.insert(0, ("the resume", lambda: [c.set_tag(rid, "fmc.resumed_from_epoch", resumed),  # and which
+                                                    c.set_tag(rid, "fmc.trained_on", spans)]))  # CPU trained what
         refused = None
         with tempfile.TemporaryDirectory(prefix="fmc-models-") as folder:
             if self.log_models:
