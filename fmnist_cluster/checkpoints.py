@@ -14,7 +14,9 @@ A resumed training goes on exactly as an unbroken one (same CPU kind): the weigh
 are the checkpoint's, and the order of every later epoch does not depend on where the training
 started (``shuffle: once`` trains every epoch in the one order Keras draws from the seed; ``shuffle:
 epoch`` draws each epoch's from the seed and the epoch). Runs record where they resumed
-(``info.resumed_from_epoch``, tag ``fmc.resumed_from_epoch``).
+(``info.resumed_from_epoch``, tag ``fmc.resumed_from_epoch``) and, since a copy of the folder can
+go on on another machine, which CPU trained which epochs (the checkpoint's ``epoch_cpus``;
+``info.trained_on``, tag ``fmc.trained_on``).
 """
 
 from __future__ import annotations
