@@ -5,6 +5,7 @@ records its CPU and a training carried across machines records which epochs each
 from __future__ import annotations
 
 import functools
+import itertools
 import platform
 from pathlib import Path
 
@@ -46,10 +47,9 @@ def cpu_id() -> str:
 def epoch_spans(cpus: list[str]) -> str:
     """Which epochs each CPU trained, from the CPU of every epoch in order: '1-26 family 23 model 1
     stepping 2, avx2; 27-100 family 26 model 2 stepping 1, avx512' (one span when one CPU trained all)."""
-    spans: list[list] = []  # [first epoch, last epoch, cpu]
-    for epoch, cpu in enumerate(cpus, start=1):
-        if spans and spans[-1][2] == cpu:
-            spans[-1][1] = epoch
-        else:
-            spans.append([epoch, epoch, cpu])
-    return "; ".join(f"{a}-{b} {cpu}" if a != b else f"{a} {cpu}" for a, b, cpu in spans)
+    spans, epoch = [], 1
+    for cpu, run in itertools.groupby(cpus):
+        n = len(list(run))
+        spans.append(f"{epoch}-{epoch + n - 1} {cpu}" if n > 1 else f"{epoch} {cpu}")
+        epoch += n
+    return "; ".join(spans)
