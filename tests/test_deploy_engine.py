@@ -156,9 +156,9 @@ def override(resolved: dict, ports: dict[str, int], sweeps: Path) -> dict:
                    "environment": {"MLFLOW_BACKEND_STORE_URI": store},
                    "healthcheck": {"test": ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen("
                                             f"'http://127.0.0.1:{ml}/health', timeout=5)"], "interval": "3s"}},
+        # the project's timings: a `ray health-check` every 3 s would take most of a 2-core box
         "ray-head": {"network_mode": "host", "build": build, "command": ray_cmd,
-                     "healthcheck": {"test": ["CMD", "ray", "health-check", "--address", f"127.0.0.1:{gcs}"],
-                                     "interval": "3s"}},
+                     "healthcheck": {"test": ["CMD", "ray", "health-check", "--address", f"127.0.0.1:{gcs}"]}},
         "ray-worker": {"network_mode": "host", "build": build},
         "fmc": {"network_mode": "host", "build": build,
                 "environment": {"RAY_ADDRESS": f"127.0.0.1:{gcs}", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ml}"},
