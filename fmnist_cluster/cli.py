@@ -492,6 +492,9 @@ def report(
         "--criteria", help="Also rank the label-free criteria: Spearman's ρ of each with acc and NMI over the runs.")] = False,
     compare: Annotated[Optional[str], typer.Option(
         "--compare", help="A,B: case B against case A seed by seed (e.g. case5,case6: do more epochs help?).")] = None,
+    by: Annotated[Optional[str], typer.Option(
+        "--by", help="Split the rows by a run tag too, e.g. fmc.cpu_id (the CPU a trial ran on) or fmc.trained_on; "
+                     "runs without it form a '-' row.")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Study-style tables (mean ± std over seeds, beside the study's figures) and a comparison chart."""
@@ -515,7 +518,7 @@ def report(
         if exp_id is None:
             raise fail(f"no experiment named {experiment!r} in {tracker.uri}")
         runs = tracker.trial_runs(exp_id)
-    rows = rep.aggregate(runs)
+    rows = rep.aggregate(runs, by)
     if not rows:
         raise fail(f"{experiment!r} has no finished trial runs yet")
     compared = None if compare is None else _comparison_rows(rep, runs, compare)  # refused before any table

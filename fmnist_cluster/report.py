@@ -57,26 +57,34 @@ def _default_params() -> dict[str, str]:
     return {k: str(v) for k, v in TrialConfig().flat().items() if not k.startswith("model.")}
 
 
-def newest_per_trial(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def group_of(run: dict[str, Any], by: str | None) -> str | None:
+    """The value of tag ``by`` on ``run`` (``-`` where the run lacks it); None without ``by``."""
+    return None if by is None else run["tags"].get(by) or "-"
+
+
+def newest_per_trial(runs: list[dict[str, Any]], by: str | None = None) -> list[dict[str, Any]]:
     """One run per trial key, the newest (a trial run again with ``--rerun``, or logged by ``fmc run``
-    and by a sweep, counts once: its latest result)."""
-    newest: dict[str, dict[str, Any]] = {}
+    and by a sweep, counts once: its latest result); with ``by``, one per trial key and value of that
+    tag (the same trial on two CPUs counts once on each)."""
+    newest: dict[tuple, dict[str, Any]] = {}
     for run in runs:
-        key = run["tags"].get("fmc.trial_key") or run.get("run_id") or run["name"]
+        key = (run["tags"].get("fmc.trial_key") or run.get("run_id") or run["name"], group_of(run, by))
         if key not in newest or (run.get("start_time") or 0) > (newest[key].get("start_time") or 0):
             newest[key] = run
     return sorted(newest.values(), key=lambda r: (r.get("start_time") or 0, r.get("run_id") or ""))
 
 
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate(runs: list[dict[str, Any]], by: str | None = None) -> list[dict[str, Any]]:
     """One row per configuration (seeds pooled; the newest run of each trial key): case, model, epochs,
     eval_split, manifold, subset, n, and for each score ``{metric}_mean``, ``_std`` (None for one run),
-    ``_min`` and ``_max`` (fractions)."""
+    ``_min`` and ``_max`` (fractions). With ``by`` (a tag, e.g. ``fmc.cpu_id``), one row per
+    configuration and value of that tag, the value under ``group`` and the tag under ``group_tag``."""
     defaults = _default_params()
     groups: dict[tuple, list[dict]] = {}
-    for run in newest_per_trial(runs):
+    for run in newest_per_trial(runs, by):
         params = {**defaults, **run["params"]}
         key = tuple(sorted((k, v) for k, v in params.items() if k not in SEED_PARAMS + NOT_RESULT_PARAMS))
+        key += (group_of(run, by),)
         groups.setdefault(key, []).append({**run, "params": params})
     rows = []
     for members in groups.values():
@@ -87,6 +95,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "epochs": int(params.get("epochs", 0)), "eval_split": params.get("eval_split", "test"),
                "manifold": params.get("manifold.kind", "none"), "fit_split": params.get("fit_split", "train"),
                "subset": params.get("data.subset"),
+               **({} if by is None else {"group_tag": by, "group": group_of(first, by)}),
                "n": len(members)}
         for metric in score_names(scores=SCORES) + list(EXTRA):
             values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
@@ -96,7 +105,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{metric}_max"] = max(values) if values else None
         rows.append(row)
     # baselines first, then by architecture and epochs, as in the study
-    rows.sort(key=lambda r: (r["model"] != "raw", r["model"], r["epochs"], r["manifold"], r["case"]))
+    rows.sort(key=lambda r: (r["model"] != "raw", r["model"], r["epochs"], r["manifold"], r["case"],
+                             r.get("group", "")))
     return rows
 
 
@@ -137,6 +147,8 @@ def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         cols.append(("manifold", "manifold"))
     if any(r.get("subset") for r in rows):
         cols.append(("subset", "subset"))
+    if rows and "group" in rows[0]:
+        cols.append((rows[0]["group_tag"], "group"))
     cols.append(("n", "n"))
     compare = any(study_figure(r, f"{c}_{s}") is not None for r in rows for c in CLUSTERERS for s in SCORES)
     for c in CLUSTERERS:
@@ -210,6 +222,7 @@ def _label(row: dict[str, Any]) -> str:
     do not run into each other."""
     lines = [row["case"]] if row["model"] == "raw" else [row["case"], f"{row['model']} e{row['epochs']}"]
     lines += [] if row["manifold"] == "none" else [f"+{row['manifold']}"]
+    lines += [row["group"]] if "group" in row else []
     return "\n".join(textwrap.fill(line, width=18) for line in lines)
 
 

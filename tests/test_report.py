@@ -196,3 +196,45 @@ def test_report_compare_prints_the_records_comparison_or_refuses_first(run_fmc):
     bad = run_fmc("report", "--from", path, "--compare", "case5,case9")
     assert bad.returncode == 2 and "no seed has runs of both cases" in bad.stderr and "case6" in bad.stderr
     assert bad.stdout == ""  # refused before any table
+
+
+def test_rows_split_by_a_tag_keep_one_trial_run_on_each_cpu():
+    """--by fmc.cpu_id: the same trial run on two CPUs counts once on each, in a row per CPU; runs
+    without the tag form a '-' row; without --by the newest run of each trial key stands alone."""
+    runs = [run(f"case1-seed{s}", TrialConfig(seed=s, data={"seed": s}), kmeans_acc=0.50 + s / 100) for s in range(3)]
+    for r in runs:
+        r["tags"].update({"fmc.trial_key": r["name"], "fmc.cpu_id": "intel"})
+        r["start_time"] = 1
+    again = run("case1-seed0", TrialConfig(seed=0, data={"seed": 0}), kmeans_acc=0.56)
+    again["tags"].update({"fmc.trial_key": "case1-seed0", "fmc.cpu_id": "avx2"})
+    again["start_time"] = 2
+    untagged = run("case5", TrialConfig(model={"kind": "conv", "filters": [64, 32, 16, 7, 1]}), kmeans_acc=0.4)
+    rows = {(r["case"], r["group"]): r for r in report.aggregate([*runs, again, untagged], by="fmc.cpu_id")}
+    assert set(rows) == {("case1", "intel"), ("case1", "avx2"), ("case5", "-")}
+    assert rows["case1", "intel"]["n"] == 3 and rows["case1", "intel"]["kmeans_acc_mean"] == pytest.approx(0.51)
+    assert rows["case1", "avx2"]["n"] == 1 and rows["case1", "avx2"]["kmeans_acc_mean"] == pytest.approx(0.56)
+    assert ("fmc.cpu_id", "group") in report.columns(list(rows.values()))
+    pooled = {r["case"]: r for r in report.aggregate([*runs, again, untagged])}
+    assert pooled["case1"]["n"] == 3 and "group" not in pooled["case1"]  # seed 0's newest run only
+    assert pooled["case1"]["kmeans_acc_mean"] == pytest.approx(mean([0.56, 0.51, 0.52]))
+    assert "fmc.cpu_id" not in [h for h, _ in report.columns(list(pooled.values()))]
+
+
+def test_report_by_a_tag_from_the_records(run_fmc):
+    """`fmc report --from ... --by fmc.cpu_id --format csv`: the rows the records give per CPU."""
+    import csv
+    import io
+
+    from conftest import ROOT
+
+    from fmnist_cluster.records import read_records
+
+    path = ROOT / "results" / "paper-cases-seeds.jsonl"
+    res = run_fmc("report", "--from", path, "--by", "fmc.cpu_id", "--format", "csv")
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = {(r["case"], r["group"]): r for r in csv.DictReader(io.StringIO(res.stdout))}
+    expected = report.aggregate(read_records(path), by="fmc.cpu_id")
+    assert set(said) == {(r["case"], r["group"]) for r in expected}
+    assert len({g for _, g in said}) >= 2  # the records hold runs of more than one CPU kind (and untagged ones)
+    for r in expected:
+        assert int(said[r["case"], r["group"]]["n"]) == r["n"]
