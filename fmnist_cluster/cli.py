@@ -314,6 +314,11 @@ def sweep(
     from tracking import TrackingError
 
     recorded: set[str] = set()
+    if skip_recorded is not None and not skip_recorded.exists():
+        # the first chunk of a long run: the same command as the later ones, before anything was exported
+        out.print(f"no records at {skip_recorded} yet: --skip-recorded skips nothing "
+                  "(fmc export creates the file)", soft_wrap=True)
+        skip_recorded = None
     if skip_recorded is not None:
         from fmnist_cluster.records import RecordError, recorded_keys
 

@@ -443,6 +443,20 @@ def test_a_sweep_resumes_from_records_on_an_empty_store(tracked_sweep, mlflow_se
     assert sorted(n for n, rs in runs.items() if rs[0].data.tags.get("fmc.role") == "trial") == ["raw"]
 
 
+def test_skip_recorded_before_the_first_export(tracked_sweep, mlflow_server, run_fmc, tmp_path):
+    """A long run's first chunk uses the same command as the later ones, before any export: a records
+    file not there yet skips nothing and says so; one that cannot be read still stops the sweep."""
+    spec = tracked_sweep[1]
+    missing = tmp_path / "not-yet" / "it-sweep.jsonl"
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    res = run_fmc("sweep", spec, "--trials", "raw*,conv*", "--skip-recorded", missing, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"no records at {missing} yet" in res.stdout and "already finished" in res.stdout
+    assert not missing.exists()
+    folder = run_fmc("sweep", spec, "--trials", "raw*,conv*", "--skip-recorded", tmp_path, env=env)
+    assert folder.returncode == 2 and "cannot read records" in folder.stderr
+
+
 def test_unreachable_server_exit_2_starts_nothing(run_fmc, tmp_path):
     spec = tmp_path / "it.yaml"
     spec.write_text(SWEEP.format(experiment="down"))
